@@ -34,3 +34,19 @@ train: install
 
 clean:
 	rm -rf reports ray_results
+
+# The study as concurrent Ray Tune trials, every trial an MLflow run.
+# make sweep EXP=dropout-mlp SMOKE=1 DATA=imagefolder:../shared/data/cifar10-jpg.tar.gz SEEDS=3 SCHEDULER=fifo
+# With RAY_ADDRESS set, the sweep runs on that cluster.
+sweep: install
+	$(PY) -m tune sweep $(EXP) $(if $(SMOKE),--smoke) $(if $(DATA),--data $(DATA)) $(if $(SEEDS),--seeds $(SEEDS)) \
+		$(if $(SCHEDULER),--scheduler $(SCHEDULER)) $(if $(RESUME),--resume) $(if $(RAY_ADDRESS),--address $(RAY_ADDRESS)) $(SWEEP_ARGS)
+
+MLFLOW_PORT ?= 5000
+# Serves the default store (./mlflow.db) on 127.0.0.1; with MLFLOW_TRACKING_URI set to a server, points there instead.
+mlflow-ui: install
+	@if [ -n "$$MLFLOW_TRACKING_URI" ] && echo "$$MLFLOW_TRACKING_URI" | grep -q '^http'; then \
+		echo "runs are on the tracking server: open $$MLFLOW_TRACKING_URI"; \
+	else \
+		$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port $(MLFLOW_PORT); \
+	fi

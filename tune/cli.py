@@ -62,6 +62,58 @@ def cmd_train(args) -> int:
     return 1 if result["stopped_by"] == "error" else 0
 
 
+def cmd_list(args) -> int:
+    from tune import catalogue
+
+    rows = catalogue.describe()
+    widths = {k: max(len(k), *(len(str(r[k])) for r in rows)) for k in ("experiment", "trials", "scheduler")}
+    print(f"{'experiment':<{widths['experiment']}}  {'trials':>{widths['trials']}}  {'scheduler':<{widths['scheduler']}}  varies")
+    for r in rows:
+        print(f"{r['experiment']:<{widths['experiment']}}  {r['trials']:>{widths['trials']}}  "
+              f"{r['scheduler']:<{widths['scheduler']}}  {r['varies']}: {r['description']}")
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from tune import sweep
+
+    fields = {f.name for f in dataclasses.fields(sweep.SweepArgs)}
+    return sweep.run(sweep.SweepArgs(**{k: v for k, v in vars(args).items() if k in fields}))
+
+
+def add_sweep_options(p: argparse.ArgumentParser) -> None:
+    from tune.sweep import SweepArgs
+
+    d = SweepArgs(experiment="")
+    p.add_argument("experiment", nargs="?", default="report", help="catalogue experiment (see `list`; default: report)")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes (2,000 training images, 1,000 eval images, 3 epochs)")
+    p.add_argument("--seeds", type=int, default=d.seeds, help="repeat every configuration with K seeds (default: 1)")
+    p.add_argument("--samples", type=int, default=None, help="trials an Optuna search draws (default: the experiment's)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="fix a config field for every trial, e.g. --set epochs=30; mlp.KEY or cnn.KEY for one model")
+    p.add_argument("--grid", action="append", metavar="KEY=V1,V2",
+                   help="replace (or add) one grid axis, e.g. --grid dropout=0.1,0.5,0.9")
+    p.add_argument("--scheduler", choices=("asha", "fifo"), help="asha stops weak trials early; fifo runs all to the end")
+    p.add_argument("--grace-period", type=int, help="ASHA: epochs before the first cut (default: epochs/10, at least 1)")
+    p.add_argument("--reduction-factor", type=int, help="ASHA: keep 1/N at each rung (default: 3)")
+    p.add_argument("--data", help="dataset for every trial (default: cifar10); see `train --help`")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray instance)")
+    p.add_argument("--storage", default=d.storage,
+                   help="results and checkpoints (default: ./ray_results); on a multi-node cluster a shared path or cloud URI")
+    p.add_argument("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)")
+    p.add_argument("--cpus-per-trial", type=float, default=d.cpus_per_trial, help="CPUs per trial (default: 1)")
+    p.add_argument("--gpus-per-trial", type=float, help="GPUs per trial, fractions pack trials (default: 0.25 with GPUs, else 0)")
+    p.add_argument("--max-concurrent", type=int, help="trials at once (default: as many as resources allow)")
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
+                   help=f"epochs between checkpoints; the last epoch always checkpoints (default: {d.checkpoint_every})")
+    p.add_argument("--max-failures", type=int, default=d.max_failures, help="retries of a failed trial (default: 2)")
+    p.add_argument("--resume", action="store_true", help="continue the latest interrupted sweep (or --sweep-id)")
+    p.add_argument("--sweep-id", help="with --resume: which sweep to continue")
+    p.add_argument("--num-gpus", type=int,
+                   help="logical GPUs of a local Ray instance; lets a CPU machine rehearse GPU packing (default: detected)")
+    p.add_argument("--verbose", type=int, default=d.verbose, choices=(0, 1, 2), help="Ray's progress output (default: 1)")
+
+
 def build_parser() -> Parser:
     parser = Parser(prog="python -m tune", description=__doc__)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
@@ -70,6 +122,13 @@ def build_parser() -> Parser:
                                          "the last stdout line is a JSON object with the best epoch's metrics and the config.")
     add_config_options(train_p)
     train_p.set_defaults(run=cmd_train)
+    sweep_p = sub.add_parser("sweep", help="run a catalogue experiment as concurrent Ray Tune trials, logged to MLflow",
+                             description="Run a catalogue experiment on Ray Tune (locally, or on the cluster at "
+                                         "--address / RAY_ADDRESS). Every trial is one MLflow run.")
+    add_sweep_options(sweep_p)
+    sweep_p.set_defaults(run=cmd_sweep)
+    list_p = sub.add_parser("list", help="print the experiment catalogue")
+    list_p.set_defaults(run=cmd_list)
     return parser
 
 

@@ -7,6 +7,7 @@ accuracy accumulate on the device and are read once per epoch.
 import math
 import random
 import time
+import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -43,9 +44,12 @@ def train(cfg: TrialConfig, data: Dataset, state: dict | None = None,
         torch.backends.cudnn.benchmark = True
 
     arrays = split(data, cfg.val_size, cfg.limit, cfg.eval_limit)
-    train_x, train_y, val_x, val_y, test_x, test_y = (
-        torch.from_numpy(a).to(device) for a in
-        (arrays.train_x, arrays.train_y, arrays.val_x, arrays.val_y, arrays.test_x, arrays.test_y))
+    with warnings.catch_warnings():
+        # Arrays from Ray's object store are read-only; the loop only ever reads them.
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        train_x, train_y, val_x, val_y, test_x, test_y = (
+            torch.from_numpy(a).to(device) for a in
+            (arrays.train_x, arrays.train_y, arrays.val_x, arrays.val_y, arrays.test_x, arrays.test_y))
     n = len(train_y)
     if n < cfg.batch_size:
         raise UserError(f"batch_size: {cfg.batch_size} is more than the {n} training images; lower it or raise --limit")
@@ -125,17 +129,19 @@ def train(cfg: TrialConfig, data: Dataset, state: dict | None = None,
             test_loss, test_acc = evaluate(test_x, test_y)
             best = {"best_epoch": epoch, "best_val_loss": val_loss, "best_val_acc": val_acc,
                     "test_loss": test_loss, "test_acc": test_acc}
+        if cfg.patience and epoch - best["best_epoch"] >= cfg.patience:
+            stopped_by = "early_stop"
+        # `final` tells the callback this is the last epoch, so it can checkpoint and close out.
         metrics = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc,
                    "val_loss": val_loss, "val_acc": val_acc, "epoch_seconds": time.perf_counter() - t0,
-                   "improved": improved, **best}
+                   "improved": improved, "final": epoch == cfg.epochs or stopped_by != "completed",
+                   "stopped_by": stopped_by, **best}
         if on_epoch is not None:
             snapshot = {"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                         "rng": _get_rng(order_rng), "best": dict(best), "config": cfg.to_dict()}
-            if on_epoch(metrics, snapshot):
+            if on_epoch(metrics, snapshot) and stopped_by == "completed":
                 stopped_by = "stopped"
-                break
-        if cfg.patience and epoch - best["best_epoch"] >= cfg.patience:
-            stopped_by = "early_stop"
+        if stopped_by != "completed":
             break
     return {**best, "epochs_run": epoch, "stopped_by": stopped_by, "reason": reason}
 

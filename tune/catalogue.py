@@ -1,0 +1,155 @@
+"""The experiment catalogue: each entry names its trials (or search space), scheduler and defaults.
+
+Experiments are data. `expand` turns one, plus the user's overrides, into
+validated TrialConfigs before Ray starts, so a bad value never reaches a trial.
+"""
+
+import itertools
+from dataclasses import dataclass, field
+
+from models.nets import TOKENS
+from tune.config import ConfigError, TrialConfig, UserError
+
+DROPOUT_GRID = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+# The study's chosen rates for the ablations and the order experiment.
+MLP_RATE, CNN_RATE = 0.8, 0.5
+MLP_FULL, CNN_FULL = "bn,relu,dropout", "bn,relu,dropout,pool"
+# --smoke: small enough that the `report` experiment runs in minutes on 2 CPU cores.
+SMOKE = {"limit": 2000, "eval_limit": 1000, "epochs": 3}
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str
+    description: str
+    variants: tuple[dict, ...] = ({},)
+    """config overrides, one per variant; crossed with every grid axis"""
+    grid: dict = field(default_factory=dict)
+    """axis name -> values"""
+    search: dict | None = None
+    """Optuna search space: name -> ("uniform", lo, hi) | ("loguniform", lo, hi) | ("choice", values)"""
+    samples: int = 20
+    """trials drawn from `search`"""
+    scheduler: str = "asha"
+    grace_fraction: float = 0.1
+    """ASHA grace period as a fraction of the epochs"""
+    reduction_factor: int = 3
+    parts: tuple[str, ...] = ()
+    """a composite: the experiments it runs together"""
+
+    def varies(self) -> str:
+        if self.parts:
+            return " + ".join(self.parts)
+        if self.search:
+            return ", ".join(f"{k} ({v[0]})" for k, v in self.search.items())
+        keys = sorted({k for v in self.variants if len(self.variants) > 1 for k in v} | set(self.grid))
+        return ", ".join(keys) or "-"
+
+
+def _orders(required: tuple[str, ...], optional: tuple[str, ...] = ("bn",)) -> list[str]:
+    out = []
+    for extra in ((),) + tuple((t,) for t in optional):
+        out += [",".join(p) for p in itertools.permutations(required + extra)]
+    return out
+
+
+CATALOGUE = {e.name: e for e in [
+    Experiment("dropout-mlp", "MLP over the dropout grid", ({"model": "mlp"},), {"dropout": DROPOUT_GRID}),
+    Experiment("dropout-cnn", "CNN over the dropout grid", ({"model": "cnn"},), {"dropout": DROPOUT_GRID}),
+    Experiment("bn-ablation", "MLP and CNN with and without BatchNorm", (
+        {"model": "mlp", "dropout": MLP_RATE, "order": MLP_FULL},
+        {"model": "mlp", "dropout": MLP_RATE, "order": "relu,dropout"},
+        {"model": "cnn", "dropout": CNN_RATE, "order": CNN_FULL},
+        {"model": "cnn", "dropout": CNN_RATE, "order": "relu,dropout,pool"},
+    )),
+    Experiment("dropout-ablation", "MLP and CNN with and without Dropout", (
+        {"model": "mlp", "dropout": MLP_RATE, "order": MLP_FULL},
+        {"model": "mlp", "dropout": 0.0, "order": "bn,relu"},
+        {"model": "cnn", "dropout": CNN_RATE, "order": CNN_FULL},
+        {"model": "cnn", "dropout": 0.0, "order": "bn,relu,pool"},
+    )),
+    Experiment("order", "CNN block orders of the study", tuple(
+        {"model": "cnn", "dropout": CNN_RATE, "order": o}
+        for o in (CNN_FULL, "relu,bn,dropout,pool", "bn,relu,pool,dropout"))),
+    Experiment("order-all", "CNN with every permutation of bn,relu,dropout,pool", tuple(
+        {"model": "cnn", "dropout": CNN_RATE, "order": ",".join(p)} for p in itertools.permutations(TOKENS))),
+    Experiment("dropout-kind", "CNN with element vs channel dropout over the dropout grid",
+               ({"model": "cnn"},), {"dropout": DROPOUT_GRID, "dropout_kind": ["element", "channel"]}),
+    Experiment("search-mlp", "Optuna TPE over the MLP's dropout, lr and order", ({"model": "mlp"},), search={
+        "dropout": ("uniform", 0.0, 0.9), "lr": ("loguniform", 1e-4, 1e-2),
+        "order": ("choice", _orders(("relu", "dropout")))}),
+    Experiment("search-cnn", "Optuna TPE over the CNN's dropout, lr and order", ({"model": "cnn"},), search={
+        "dropout": ("uniform", 0.0, 0.9), "lr": ("loguniform", 1e-4, 1e-2),
+        "order": ("choice", _orders(("relu", "dropout", "pool")))}),
+    Experiment("report", "the study: every experiment its report needs", parts=(
+        "dropout-mlp", "dropout-cnn", "bn-ablation", "dropout-ablation", "order")),
+]}
+
+
+def get(name: str) -> Experiment:
+    if name not in CATALOGUE:
+        raise UserError(f"unknown experiment {name!r}; choose one of {', '.join(CATALOGUE)} (see `python -m tune list`)")
+    return CATALOGUE[name]
+
+
+def parse_assignments(items: list[str], flag: str) -> dict[str, str]:
+    """`key=value` strings into a dict; a key may be scoped to one model as `mlp.key`."""
+    names = {f for f in TrialConfig.__dataclass_fields__}
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not value.strip():
+            raise UserError(f"{flag} {item!r} is not key=value; e.g. {flag} epochs=30")
+        if key.split(".")[-1] not in names or key.count(".") > 1 or (
+                "." in key and key.split(".")[0] not in ("mlp", "cnn")):
+            raise UserError(f"{flag}: unknown config key {key!r}; valid keys are {', '.join(sorted(names))} "
+                            f"(optionally scoped as mlp.KEY or cnn.KEY)")
+        out[key] = value.strip()
+    return out
+
+
+def _apply(values: dict, overrides: dict) -> dict:
+    out = dict(values)
+    for key, value in overrides.items():
+        scope, _, name = key.rpartition(".")
+        if not scope or out.get("model", TrialConfig.model) == scope:
+            out[name] = value
+    return out
+
+
+def expand(name: str, sets: dict | None = None, grids: dict | None = None, seeds: int = 1,
+           base: dict | None = None) -> list[tuple[str, TrialConfig]]:
+    """Every (experiment, config) a grid experiment runs, validated. Composites expand their parts.
+
+    Precedence, low to high: TrialConfig defaults, `base` (e.g. --smoke, --data),
+    the experiment's variant and grid, then `sets` and `grids` from the user.
+    """
+    exp = get(name)
+    if exp.parts:
+        return [t for part in exp.parts for t in expand(part, sets, grids, seeds, base)]
+    if exp.search:
+        raise UserError(f"{name} is a search experiment; it has no fixed grid")
+    grid = {**exp.grid, **{k: v.split(",") for k, v in (grids or {}).items()}}
+    axes = list(grid)
+    trials = []
+    for variant in exp.variants:
+        for combo in itertools.product(*(grid[a] for a in axes)):
+            values = _apply({**(base or {}), **variant, **dict(zip(axes, combo))}, sets or {})
+            for seed_offset in range(seeds):
+                v = {**values, "seed": int(values.get("seed", 0)) + seed_offset}
+                try:
+                    trials.append((name, TrialConfig.from_dict(v)))
+                except ConfigError as e:
+                    raise UserError(f"experiment {name}: {e}") from None
+    return trials
+
+
+def describe() -> list[dict]:
+    rows = []
+    for exp in CATALOGUE.values():
+        trials = f"--samples (default {exp.samples})" if exp.search else str(len(expand(exp.name)))
+        rows.append({"experiment": exp.name, "trials": trials, "varies": exp.varies(),
+                     "scheduler": get(exp.parts[0]).scheduler if exp.parts else exp.scheduler,
+                     "description": exp.description})
+    return rows

@@ -1,0 +1,263 @@
+"""The sweep driver: validate everything, load the data once, run the trials on Ray Tune.
+
+Every check that can fail on user input runs before Ray or MLflow is touched,
+so bad input leaves nothing behind.
+"""
+
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tune import catalogue, tracking
+from tune import data as datasets
+from tune.config import TrialConfig, UserError
+
+
+@dataclass
+class SweepArgs:
+    experiment: str
+    smoke: bool = False
+    seeds: int = 1
+    samples: int | None = None
+    set: list | None = None
+    grid: list | None = None
+    scheduler: str | None = None
+    grace_period: int | None = None
+    reduction_factor: int | None = None
+    data: str | None = None
+    address: str | None = None
+    storage: str = "./ray_results"
+    tracking_uri: str | None = None
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float | None = None
+    max_concurrent: int | None = None
+    checkpoint_every: int = 10
+    max_failures: int = 2
+    resume: bool = False
+    sweep_id: str | None = None
+    verbose: int = 1
+    num_gpus: int | None = None
+
+
+@dataclass
+class Plan:
+    """A validated sweep, ready to hand to Ray."""
+
+    experiment: catalogue.Experiment
+    trials: list[tuple[str, TrialConfig]]  # grid experiments
+    search_base: dict | None  # search experiments: the fixed fields
+    samples: int
+    epochs: int
+    scheduler: str
+    grace_period: int
+    reduction_factor: int
+    data: str
+    data_dir: str
+
+    @property
+    def experiments(self) -> list[str]:
+        return sorted({e for e, _ in self.trials}) if self.trials else [self.experiment.name]
+
+    @property
+    def n_trials(self) -> int:
+        return len(self.trials) if self.trials else self.samples
+
+
+def plan(args: SweepArgs) -> Plan:
+    exp = catalogue.get(args.experiment)
+    sets = catalogue.parse_assignments(args.set, "--set")
+    grids = catalogue.parse_assignments(args.grid, "--grid")
+    if args.seeds < 1:
+        raise UserError(f"--seeds {args.seeds} must be at least 1")
+    base = dict(catalogue.SMOKE) if args.smoke else {}
+    if args.data:
+        base["data"] = args.data
+    # Trials run in their own working directories, maybe on other machines: every path absolute.
+    for scope in (base, sets):
+        for key in [k for k in scope if k.split(".")[-1] == "data"]:
+            scope[key] = datasets.resolve(scope[key])
+        for key in [k for k in scope if k.split(".")[-1] == "data_dir"]:
+            scope[key] = os.path.abspath(scope[key])
+    base.setdefault("data_dir", os.path.abspath(TrialConfig.data_dir))
+    if exp.search:
+        if args.seeds != 1 or grids:
+            raise UserError(f"{exp.name} is an Optuna search: --seeds and --grid apply to grid experiments only")
+        samples = args.samples or exp.samples
+        if samples < 1:
+            raise UserError(f"--samples {samples} must be at least 1")
+        fixed = catalogue._apply({**base, **exp.variants[0]}, sets)
+        # Validate the fixed part with one point of the space, so errors surface now.
+        probe = {k: (v[1] if v[0] != "choice" else v[1][0]) for k, v in exp.search.items()}
+        try:
+            cfg = TrialConfig.from_dict({**fixed, **probe})
+        except UserError as e:
+            raise UserError(f"experiment {exp.name}: {e}") from None
+        trials, search_base = [], {k: v for k, v in cfg.to_dict().items() if k not in exp.search}
+        configs = [cfg]
+    else:
+        trials, search_base, samples = catalogue.expand(exp.name, sets, grids, args.seeds, base), None, 0
+        configs = [c for _, c in trials]
+    sources = {(c.data, c.data_dir) for c in configs}
+    if len(sources) > 1:
+        raise UserError("trials of one sweep must share one dataset; set --data once, not per model")
+    data, data_dir = sources.pop()
+    epochs = max(c.epochs for c in configs)
+    leader = catalogue.get(exp.parts[0]) if exp.parts else exp
+    scheduler = args.scheduler or leader.scheduler
+    if scheduler not in ("asha", "fifo"):
+        raise UserError(f"--scheduler {scheduler!r} is unknown; use asha or fifo")
+    grace = args.grace_period or max(1, round(epochs * leader.grace_fraction))
+    reduction = args.reduction_factor or leader.reduction_factor
+    if grace > epochs or reduction < 2:
+        raise UserError(f"ASHA needs 1 <= grace period <= epochs ({epochs}) and reduction factor >= 2; "
+                        f"got {grace} and {reduction}")
+    return Plan(exp, trials, search_base, samples, epochs, scheduler, grace, reduction, data, data_dir)
+
+
+def _check_storage(storage: str) -> str:
+    if "://" in storage:
+        return storage  # a cloud URI: Ray checks it
+    path = Path(storage).expanduser().absolute()
+    existing = next((p for p in [path, *path.parents] if p.exists()), None)
+    if existing is None or not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise UserError(f"storage path {path} is not writable; pass --storage with a writable folder "
+                        f"(a shared filesystem or cloud URI on a multi-node cluster)")
+    return str(path)
+
+
+def _connect(address: str | None, gpus_per_trial: float | None, cpus_per_trial: float, num_gpus: int | None):
+    import ray
+
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if num_gpus is not None and address is not None:
+        raise UserError("--num-gpus declares GPUs of a local Ray instance; a cluster's GPUs are its own (drop --num-gpus)")
+    try:
+        ray.init(address=address, logging_level="ERROR", log_to_driver=True,
+                 **({"include_dashboard": False, "num_gpus": num_gpus} if address is None else {}))
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot reach the Ray cluster at {address} ({first}); start it with `ray start --head` "
+                        f"or fix --address / RAY_ADDRESS") from None
+    total = ray.cluster_resources()
+    cpus, gpus = total.get("CPU", 0), total.get("GPU", 0)
+    if gpus_per_trial is None:
+        # Small models leave most of a GPU idle: pack four trials on each by default.
+        gpus_per_trial = 0.25 if gpus else 0.0
+    if gpus_per_trial > gpus:
+        raise UserError(f"--gpus-per-trial {gpus_per_trial} is more than the cluster's {gpus:g} GPUs; lower it")
+    if cpus_per_trial > cpus:
+        raise UserError(f"--cpus-per-trial {cpus_per_trial} is more than the cluster's {cpus:g} CPUs; lower it")
+    return gpus_per_trial
+
+
+def _scheduler(p: Plan):
+    if p.scheduler == "fifo":
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    # time_attr is our epoch counter, not training_iteration, which restarts on restore.
+    return ASHAScheduler(time_attr="epoch", max_t=p.epochs, grace_period=p.grace_period,
+                         reduction_factor=p.reduction_factor)
+
+
+def _param_space(p: Plan) -> dict:
+    import ray.tune
+
+    if p.trials:
+        return {"trial": ray.tune.grid_search([{"experiment": e, **c.to_dict()} for e, c in p.trials])}
+    space = {"experiment": p.experiment.name, **p.search_base}
+    for name, (kind, *spec) in p.experiment.search.items():
+        space[name] = {"uniform": lambda: ray.tune.uniform(*spec), "loguniform": lambda: ray.tune.loguniform(*spec),
+                       "choice": lambda: ray.tune.choice(spec[0])}[kind]()
+    return space
+
+
+def run(args: SweepArgs) -> int:
+    p = plan(args)
+    storage = _check_storage(args.storage)
+    uri = tracking.resolve_uri(args.tracking_uri)
+    tracking.check_reachable(uri)
+    if args.cpus_per_trial <= 0 or (args.gpus_per_trial is not None and args.gpus_per_trial < 0):
+        raise UserError("--cpus-per-trial must be positive and --gpus-per-trial at least 0")
+    if args.checkpoint_every < 1:
+        raise UserError(f"--checkpoint-every {args.checkpoint_every} must be at least 1")
+    dataset = datasets.load(p.data, p.data_dir)
+    # Ray's newer console output ignores custom columns; ours shows the swept params.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    gpus_per_trial = _connect(args.address, args.gpus_per_trial, args.cpus_per_trial, args.num_gpus)
+    import ray.tune
+
+    from tune.trainable import RunStatusCallback, SweepContext, run_trial
+
+    sweep_id = args.sweep_id or f"{args.experiment}-{time.strftime('%Y%m%d-%H%M%S')}"
+    print(f"sweep {sweep_id}: {p.n_trials} trials of {args.experiment} ({', '.join(p.experiments)}), "
+          f"at most {p.n_trials * p.epochs} trial-epochs; scheduler {p.scheduler}"
+          + (f" (grace {p.grace_period}, reduction {p.reduction_factor})" if p.scheduler == "asha" else "")
+          + f"; {args.cpus_per_trial:g} CPU and {gpus_per_trial:g} GPU per trial", file=sys.stderr)
+    client = tracking.client(uri)
+    for name in p.experiments:
+        tracking.experiment_id(client, name)
+    ctx = SweepContext(sweep_id, uri, p.scheduler, args.checkpoint_every, tracking.git_commit(), tracking.versions())
+    trainable = ray.tune.with_resources(
+        ray.tune.with_parameters(run_trial, dataset=dataset, sweep=ctx),
+        {"cpu": args.cpus_per_trial, "gpu": gpus_per_trial})
+    search_alg = None
+    if p.experiment.search:
+        from ray.tune.search.optuna import OptunaSearch
+
+        search_alg = OptunaSearch()
+    tuner = ray.tune.Tuner(
+        trainable,
+        param_space=_param_space(p),
+        tune_config=ray.tune.TuneConfig(
+            metric="best_val_loss", mode="min", scheduler=_scheduler(p), search_alg=search_alg,
+            num_samples=p.samples if p.experiment.search else 1, max_concurrent_trials=args.max_concurrent,
+            trial_dirname_creator=lambda trial: trial.trial_id),
+        run_config=ray.tune.RunConfig(
+            name=sweep_id, storage_path=storage, verbose=args.verbose,
+            failure_config=ray.tune.FailureConfig(max_failures=args.max_failures),
+            checkpoint_config=ray.tune.CheckpointConfig(num_to_keep=2),
+            callbacks=[RunStatusCallback(uri, sweep_id)],
+            progress_reporter=_reporter(p)),
+    )
+    results = tuner.fit()
+    _summary(results, sweep_id, uri, p)
+    return 0 if not results.errors else 1
+
+
+def _reporter(p: Plan):
+    import ray.tune
+
+    prefix = "trial/" if p.trials else ""
+    return ray.tune.CLIReporter(
+        parameter_columns={f"{prefix}experiment": "experiment", f"{prefix}model": "model",
+                           f"{prefix}dropout": "dropout", f"{prefix}order": "order"},
+        metric_columns={"epoch": "epoch", "val_loss": "val_loss", "best_val_loss": "best_val_loss", "val_acc": "val_acc"},
+        max_report_frequency=30)
+
+
+def _summary(results, sweep_id: str, uri: str, p: Plan) -> None:
+    from tune.trainable import trial_values
+
+    best: dict[str, dict] = {}
+    epochs = 0
+    for r in results:
+        m = r.metrics or {}
+        if not m or not math.isfinite(m.get("best_val_loss", math.nan)):
+            continue
+        experiment, values = trial_values(r.config)
+        epochs += int(m.get("epoch", 0))
+        if experiment not in best or m["best_val_loss"] < best[experiment]["best_val_loss"]:
+            best[experiment] = {**m, "values": values}
+    print(f"\nsweep {sweep_id} done: {len(results)} trials, {epochs} trial-epochs "
+          f"(a full grid is {p.n_trials * p.epochs}); {len(results.errors)} errored", file=sys.stderr)
+    for experiment, m in sorted(best.items()):
+        v = m["values"]
+        print(f"  best of {experiment}: {v['model']} dropout={float(v['dropout']):g} order={v['order']} "
+              f"best_val_loss={m['best_val_loss']:.4f} (epoch {m['best_epoch']}) test_acc={m['test_acc']:.4f}",
+              file=sys.stderr)
+    print(f"runs: MLflow experiments {', '.join(p.experiments)} at {uri}", file=sys.stderr)
+    print("browse them with `make mlflow-ui`; write the report with `make report`", file=sys.stderr)

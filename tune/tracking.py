@@ -1,0 +1,167 @@
+"""MLflow tracking: where runs go, and the one run each trial owns.
+
+The schema (what analysis/ reads):
+  experiment  one per catalogue experiment, named after it
+  run         one per Ray trial, found again by its tags (sweep_id, trial_id)
+  params      every TrialConfig field
+  tags        sweep_id, experiment, trial_id, config_key, git_commit, stopped_by
+              (completed | scheduler | early_stop | error | killed), stop_reason,
+              versions, node_id
+  metrics     per epoch (step=epoch): train_loss, train_acc, val_loss, val_acc,
+              epoch_seconds, best_val_loss; when the best epoch changes also
+              best_epoch, best_val_acc, test_loss, test_acc
+"""
+
+import os
+import subprocess
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+from tune.config import TrialConfig, UserError
+
+EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "epoch_seconds", "best_val_loss")
+BEST_METRICS = ("best_epoch", "best_val_loss", "best_val_acc", "test_loss", "test_acc")
+STOPPED_BY = ("completed", "scheduler", "early_stop", "error", "killed")
+
+
+def resolve_uri(uri: str | None = None, cwd: str | None = None) -> str:
+    """--tracking-uri, else MLFLOW_TRACKING_URI, else ./mlflow.db; local paths made absolute."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    base = Path(cwd or os.getcwd())
+    if uri.startswith("sqlite:///"):
+        path = uri[len("sqlite:///"):]
+        return "sqlite:///" + str((base / path).resolve()) if not os.path.isabs(path) else uri
+    if uri.startswith("file:"):
+        return Path(base / urllib.parse.urlparse(uri).path).resolve().as_uri()
+    if "://" not in uri:  # a bare directory, as mlflow accepts it
+        return (base / uri).resolve().as_uri()
+    return uri
+
+
+def check_reachable(uri: str) -> None:
+    """Raise UserError unless runs can be written to `uri`. Creates nothing."""
+    fix = "start the server or pass --tracking-uri (or MLFLOW_TRACKING_URI) for one that is up"
+    if uri.startswith("sqlite:///") or uri.startswith("file:"):
+        path = Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite") else Path(urllib.parse.urlparse(uri).path)
+        folder = path.parent if uri.startswith("sqlite") else path
+        existing = next((p for p in [folder, *folder.parents] if p.exists()), None)
+        if existing is None or not os.access(existing, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+            raise UserError(f"tracking store {uri} is not writable; pass --tracking-uri with a writable path")
+        return
+    if uri.startswith(("http://", "https://")):
+        try:
+            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5).read()
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            reason = getattr(e, "reason", e)
+            raise UserError(f"tracking server {uri} is unreachable ({reason}); {fix}") from None
+        try:
+            client(uri).search_experiments(max_results=1)
+        except Exception as e:  # noqa: BLE001 - auth and protocol errors all mean: cannot log here
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"tracking server {uri} refused a request ({first}); check MLFLOW_TRACKING_USERNAME "
+                            f"and MLFLOW_TRACKING_PASSWORD") from None
+        return
+    raise UserError(f"tracking URI {uri!r} is not supported; use sqlite:///PATH, a folder, or http(s)://HOST:PORT")
+
+
+def client(uri: str):
+    # Fail fast instead of mlflow's default minutes of retries against a dead server.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def experiment_id(mlflow_client, name: str) -> str:
+    exp = mlflow_client.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            mlflow_client.restore_experiment(exp.experiment_id)
+        return exp.experiment_id
+    try:
+        return mlflow_client.create_experiment(name)
+    except Exception:  # noqa: BLE001 - another process created it first
+        return mlflow_client.get_experiment_by_name(name).experiment_id
+
+
+def find_run(mlflow_client, experiment: str, sweep_id: str, trial_id: str):
+    exp = mlflow_client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    runs = mlflow_client.search_runs(
+        [exp.experiment_id], f"tags.sweep_id = '{sweep_id}' and tags.trial_id = '{trial_id}'", max_results=2)
+    return runs[0] if runs else None
+
+
+def git_commit(cwd: str | None = None) -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def versions() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    parts = []
+    for pkg in ("torch", "ray", "mlflow", "optuna", "numpy"):
+        try:
+            parts.append(f"{pkg}={version(pkg)}")
+        except PackageNotFoundError:
+            pass
+    return " ".join(parts)
+
+
+class TrialRun:
+    """The MLflow run of one trial: opened (or found again) inside the trial process."""
+
+    def __init__(self, uri: str, run_id: str):
+        self.uri, self.run_id = uri, run_id
+        self.client = client(uri)
+
+    @classmethod
+    def open(cls, uri: str, experiment: str, cfg: TrialConfig, tags: dict, run_id: str | None = None) -> "TrialRun":
+        """Continue `run_id`, else the run tagged with this (sweep_id, trial_id), else create one."""
+        from mlflow.entities import Param
+
+        c = client(uri)
+        if run_id is None:
+            found = find_run(c, experiment, tags["sweep_id"], tags["trial_id"])
+            run_id = found.info.run_id if found else None
+        if run_id is not None:
+            c.update_run(run_id, status="RUNNING")
+            return cls(uri, run_id)
+        run = c.create_run(experiment_id(c, experiment), run_name=tags.pop("run_name", None),
+                           tags={**tags, "experiment": experiment, "config_key": cfg.key()})
+        c.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in cfg.to_dict().items()])
+        return cls(uri, run.info.run_id)
+
+    def logged_epochs(self) -> set[int]:
+        """Epochs this run already holds: a retried trial trains them again but must not log them twice."""
+        return {m.step for m in self.client.get_metric_history(self.run_id, "val_loss")}
+
+    def log_epoch(self, metrics: dict) -> None:
+        import mlflow
+
+        values = {k: float(metrics[k]) for k in EPOCH_METRICS}
+        if metrics.get("improved"):
+            values.update({k: float(metrics[k]) for k in BEST_METRICS})
+        mlflow.set_tracking_uri(self.uri)
+        mlflow.log_metrics(values, step=int(metrics["epoch"]), run_id=self.run_id)
+
+    def finish(self, stopped_by: str, reason: str = "") -> None:
+        finish_run(self.client, self.run_id, stopped_by, reason)
+
+
+def finish_run(mlflow_client, run_id: str, stopped_by: str, reason: str = "") -> None:
+    mlflow_client.set_tag(run_id, "stopped_by", stopped_by)
+    if reason:
+        mlflow_client.set_tag(run_id, "stop_reason", reason[:4000])
+    status = {"error": "FAILED", "killed": "KILLED"}.get(stopped_by, "FINISHED")
+    mlflow_client.set_terminated(run_id, status=status)
