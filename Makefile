@@ -12,7 +12,7 @@ SCHEDULER ?=
 RESUME ?=
 SWEEP_ARGS ?=
 
-.PHONY: install test lint train sweep report mlflow-ui clean
+.PHONY: install test lint train sweep report mlflow-ui bench clean
 
 install: $(STAMP)
 
@@ -50,3 +50,10 @@ mlflow-ui: install
 	else \
 		$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port $(MLFLOW_PORT); \
 	fi
+
+# Benchmarks print ratios measured side by side; QUICK=1 runs the CI-sized variants.
+bench: install
+	$(PY) -m bench all $(if $(QUICK),--quick)
+
+# The Docker deployment: up, down, logs, sweep-cluster.
+include docker/docker.mk

@@ -1,0 +1,1 @@
+# Docker targets (filled in by the deployment work).
