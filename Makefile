@@ -51,6 +51,17 @@ mlflow-ui: install
 		$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port $(MLFLOW_PORT); \
 	fi
 
+# The study report from the MLflow runs (store: MLFLOW_TRACKING_URI, else ./mlflow.db):
+# reports/$(REPORT)/REPORT.md and REPORT.html, one PNG per figure, one CSV per table.
+# make report REPORT_EXP="dropout-mlp dropout-cnn" SWEEP=<sweep_id>   (ALL=1 pools every sweep)
+REPORT ?= study
+REPORT_EXP ?=
+SWEEP ?=
+ALL ?=
+report: install
+	$(PY) -m analysis report --out reports/$(REPORT) $(if $(REPORT_EXP),--experiment $(REPORT_EXP)) \
+		$(if $(SWEEP),--sweep $(SWEEP)) $(if $(ALL),--all)
+
 # Benchmarks print ratios measured side by side; QUICK=1 runs the CI-sized variants.
 bench: install
 	$(PY) -m bench all $(if $(QUICK),--quick)

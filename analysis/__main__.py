@@ -1,0 +1,58 @@
+"""`python -m analysis report`: the study's tables and figures, regenerated from the MLflow runs."""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from tune.config import UserError
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr and exit 2."""
+
+    def error(self, message):
+        print(f"error: {message}; see `{self.prog} --help`", file=sys.stderr)
+        sys.exit(2)
+
+
+def build_parser() -> Parser:
+    from analysis.fetch import STUDY_EXPERIMENTS
+
+    parser = Parser(prog="python -m analysis", description=__doc__)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser, required=True)
+    p = sub.add_parser("report", help="write REPORT.md, REPORT.html, a PNG per figure and a CSV per table",
+                       description="Write the study report from the MLflow runs: by default the latest sweep of every "
+                                   "study experiment in the default store.")
+    p.add_argument("--experiment", action="extend", nargs="+", metavar="NAME",
+                   help=f"experiments to report (repeatable; `report` means its parts; default: all of "
+                        f"{', '.join(STUDY_EXPERIMENTS)})")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--sweep", metavar="ID", help="report this sweep_id instead of each experiment's latest sweep")
+    which.add_argument("--all", action="store_true", help="pool every sweep (a configuration and seed counts once)")
+    p.add_argument("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)")
+    p.add_argument("--out", default="reports/study", help="report folder, replaced on each run (default: reports/study)")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        from analysis import fetch, report
+        from tune.tracking import resolve_uri
+
+        t0 = time.perf_counter()
+        report.check_out(Path(args.out))
+        study = fetch.load(resolve_uri(args.tracking_uri), args.experiment, args.sweep, args.all)
+        path = report.write(study, Path(args.out))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"report of {len(study.runs)} runs ({study.selection}) written to {path} in {time.perf_counter() - t0:.1f} s",
+          file=sys.stderr)
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""The report from MLflow stores written with the real TrialRun schema but made-up curves (no training):
+every section, ASHA-stopped trials, several seeds, a FIFO twin sweep, the CLI's errors, and bulk reading."""
+
+import contextlib
+import io
+import math
+import os
+import subprocess
+import time
+import zlib
+
+import numpy as np
+import pytest
+
+from conftest import PYTHON, ROOT
+from tune.config import TrialConfig
+from tune.tracking import BEST_METRICS, EPOCH_METRICS, TrialRun, client
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def fake_curves(cfg: TrialConfig, epochs_run: int) -> dict[str, list[float]]:
+    """Plausible curves: more dropout trains slower and overfits later; the seed adds noise."""
+    rng = np.random.default_rng(zlib.crc32(f"{cfg.key()}-{cfg.seed}".encode()))
+    e = np.arange(1, epochs_run + 1)
+    base = 0.9 if cfg.model == "cnn" else 1.3
+    base -= 0.1 * ("bn" in cfg.order.split(",")) + 0.05 * (cfg.dropout_kind == "channel")
+    train = 2.3 * np.exp(-e / (2 + 6 * cfg.dropout)) + 0.1 + rng.normal(0, 0.01, len(e))
+    turn = 3 + 12 * cfg.dropout
+    val = base + 0.9 * np.exp(-e / 2.5) + 0.04 * np.maximum(0, e - turn) + rng.normal(0, 0.02, len(e))
+    return {"train_loss": train, "train_acc": np.clip(1 - train / 2.5, 0, 1), "val_loss": val,
+            "val_acc": np.clip(1.05 - val / 2.4, 0, 1), "epoch_seconds": 1 + rng.random(len(e)),
+            "test_shift": rng.normal(0, 0.01, len(e))}
+
+
+def log_fake_run(uri: str, experiment: str, cfg: TrialConfig, sweep_id: str, trial_id: str, epochs_run: int | None = None,
+                 scheduler: str = "asha", stopped_by: str | None = None) -> str:
+    """One run as the trainable writes it (tags, params, per-epoch and on-improvement metrics), in one batch."""
+    from mlflow.entities import Metric
+
+    epochs_run = cfg.epochs if epochs_run is None else epochs_run
+    run = TrialRun.open(uri, experiment, cfg, {"sweep_id": sweep_id, "trial_id": trial_id, "git_commit": "0123456789abcdef",
+                                               "versions": "torch=2.14.1 mlflow=3.17.2", "scheduler": scheduler,
+                                               "node_id": "node-a"})
+    c = fake_curves(cfg, epochs_run)
+    metrics, best, t0 = [], {"best_val_loss": math.inf}, int(time.time() * 1000)
+    for i in range(epochs_run):
+        epoch, ts = i + 1, t0 + i
+        if c["val_loss"][i] <= best["best_val_loss"]:
+            best = {"best_epoch": epoch, "best_val_loss": c["val_loss"][i], "best_val_acc": c["val_acc"][i],
+                    "test_loss": c["val_loss"][i] + c["test_shift"][i], "test_acc": c["val_acc"][i] - c["test_shift"][i]}
+            metrics += [Metric(k, float(best[k]), ts, epoch) for k in BEST_METRICS if k != "best_val_loss"]
+        values = {k: c[k][i] for k in EPOCH_METRICS if k != "best_val_loss"} | {"best_val_loss": best["best_val_loss"]}
+        metrics += [Metric(k, float(v), ts, epoch) for k, v in values.items()]
+    for start in range(0, len(metrics), 1000):
+        run.client.log_batch(run.run_id, metrics=metrics[start:start + 1000])
+    run.finish(stopped_by or ("completed" if epochs_run == cfg.epochs else "scheduler"))
+    return run.run_id
+
+
+def fake_study(uri: str, epochs: int = 6, seeds: int = 2, rates=(0.1, 0.5, 0.9), sweep: str = "s2",
+               experiments=("dropout-mlp", "dropout-cnn", "bn-ablation", "dropout-ablation", "order", "dropout-kind")) -> None:
+    """A small study through the catalogue's own grids: the highest rate stopped by 'ASHA' after epoch 2,
+    plus an older FIFO sweep of dropout-mlp where every trial ran to the end."""
+    from tune import catalogue
+
+    grids = {"dropout": ",".join(map(str, rates))}
+    base = {"epochs": epochs, "data": "synthetic", "limit": 2000, "eval_limit": 500}
+    for name in experiments:
+        g = grids if name in ("dropout-mlp", "dropout-cnn", "dropout-kind") else None
+        if name == "dropout-mlp":
+            for i, (_, cfg) in enumerate(catalogue.expand(name, grids=g, seeds=seeds, base=base)):
+                log_fake_run(uri, name, cfg, "s1-fifo", f"f{i}", scheduler="fifo")
+        for i, (_, cfg) in enumerate(catalogue.expand(name, grids=g, seeds=1 if name == "dropout-kind" else seeds, base=base)):
+            stop = 2 if name.startswith("dropout-") and name != "dropout-ablation" and cfg.dropout == max(rates) else None
+            log_fake_run(uri, name, cfg, sweep, f"t{i}", epochs_run=stop)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("store")
+    uri = f"sqlite:///{folder}/mlflow.db"
+    fake_study(uri)
+    return uri
+
+
+def report(*args) -> subprocess.CompletedProcess:
+    """`python -m analysis report ARGS` in this process (the imports are paid once), as a finished process."""
+    from analysis.__main__ import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(["report", *args])
+        except SystemExit as e:  # argparse's usage errors
+            code = e.code
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
+@pytest.fixture(scope="module")
+def written(store, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report") / "study"
+    p = report("--tracking-uri", store, "--out", str(out))
+    assert p.returncode == 0, p.stderr
+    return out, (out / "REPORT.md").read_text()
+
+
+def test_every_section_is_written(written):
+    out, md = written
+    for title in ("## 0. Setup", "## 1. MLP dropout sweep", "## 2. CNN dropout sweep", "## 3. Train vs validation",
+                  "## 4. Test results", "## 5. BatchNorm ablation", "## 6. Dropout ablation", "## 7. Block order",
+                  "## 8. Dropout-rate analysis", "## 9. Seeds", "## 10. Scheduler efficiency", "## 11. Run inventory"):
+        assert title in md
+    assert md.index("## 0. Setup") < md.index("## 1. MLP")
+    assert "Skipped: experiment `order-all`" in md  # not in the store: a note, not a failure
+    assert "Element against channel dropout" in md and "tables/s8_dropout_kind.csv" in md
+    for name in ("s1_mlp_val_loss", "s2_cnn_best_curves", "s5_cnn_bn_curves", "s6_mlp_dropout_curves", "s7_order_curves",
+                 "s8_best_epoch", "s8_dropout_kind", "s10_stop_epochs"):
+        png = (out / "figures" / f"{name}.png").read_bytes()
+        assert png.startswith(PNG_SIGNATURE), name
+        assert f"figures/{name}.png" in md
+    assert (out / "REPORT.html").read_text().count("data:image/png;base64,") == md.count("](figures/")
+
+
+def test_seeds_give_intervals_and_tests(written):
+    _, md = written
+    assert " ± " in md and "[" in md  # mean ± std [CI] cells
+    assert "BN vs no-BN on the CNN" in md and "dropout vs no-dropout on the MLP" in md
+    assert "Welch t-test, 2 vs 2 seeds" in md and "Holm-adjusted" in md
+    assert "order relu,bn,dropout,pool vs bn,relu,dropout,pool (order)" in md
+    assert "no significance can be claimed" not in md.split("## 9. Seeds")[1].split("##")[0]
+
+
+def test_scheduler_stops_are_marked_and_counted(written):
+    out, md = written
+    import pandas as pd
+
+    sched = pd.read_csv(out / "tables" / "s10_scheduler.csv").set_index("experiment")
+    mlp = sched.loc["dropout-mlp"]
+    assert (mlp["trials"], mlp["full_grid_epochs"], mlp["trial_epochs"]) == (6, 36, 4 * 6 + 2 * 2)
+    assert "2x scheduler at epoch 2" in md
+    winners = pd.read_csv(out / "tables" / "s10_winners.csv")
+    assert list(winners["experiment"]) == ["dropout-mlp"] and winners["fifo_sweep"].iloc[0] == "s1-fifo"
+    # The stopped trials' test metrics are their best so far, as the table of section 4 shows.
+    test_all = pd.read_csv(out / "tables" / "s4_test_all.csv")
+    assert (test_all.loc[test_all["dropout"] == 0.9, "stopped"] == "2x scheduler at epoch 2").all()
+
+
+def test_order_section_prints_the_modules(written):
+    _, md = written
+    section = md.split("## 7. Block order")[1].split("## 8.")[0]
+    assert section.count("Conv2d(3, 64, kernel_size=(3, 3)") == 3
+    assert "MaxPool2d(kernel_size=2, stride=2, padding=1" in section
+
+
+def test_rerun_overwrites_and_sweep_and_all_select(store, written, tmp_path):
+    out, _ = written
+    (out / "figures" / "stale.png").write_bytes(b"old")
+    p = report("--tracking-uri", store, "--out", str(out), "--experiment", "dropout-mlp", "--sweep", "s1-fifo")
+    assert p.returncode == 0, p.stderr
+    assert not (out / "figures" / "stale.png").exists()
+    md = (out / "REPORT.md").read_text()
+    assert "sweep s1-fifo" in md and "Skipped: experiment `dropout-cnn` is not among the experiments asked for" in md
+    p = report("--tracking-uri", store, "--out", str(tmp_path / "pooled"), "--experiment", "dropout-mlp", "--all")
+    assert p.returncode == 0, p.stderr
+    import pandas as pd
+
+    # Both sweeps ran the same configurations and seeds: pooled, each counts once (the latest run).
+    sweep = pd.read_csv(tmp_path / "pooled" / "tables" / "s1_mlp_sweep.csv")
+    assert list(sweep["seeds"]) == [2, 2, 2]
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--sweep", "nope"], "no runs of sweep 'nope'"),
+    (["--experiment", "bogus"], "experiment 'bogus' is neither in the catalogue"),
+    (["--sweep", "s2", "--all"], "not allowed with argument"),
+])
+def test_user_errors_are_one_line_and_exit_2(store, tmp_path, args, needle):
+    p = report("--tracking-uri", store, "--out", str(tmp_path / "r"), *args)
+    assert p.returncode == 2
+    assert p.stderr.startswith("error: ") and needle in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
+def test_missing_store_is_not_created(tmp_path):
+    """The real entry point: a missing store (the default ./mlflow.db, or a --tracking-uri) is one line, exit 2."""
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {"PYTHONPATH": str(ROOT)}
+    p = subprocess.run([PYTHON, "-m", "analysis", "report", "--out", str(tmp_path / "r")], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and p.stderr.startswith("error: tracking store sqlite:///") and "does not exist" in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1 and not (tmp_path / "mlflow.db").exists(), p.stderr
+    missing = tmp_path / "nothing" / "mlflow.db"
+    p = report("--tracking-uri", f"sqlite:///{missing}", "--out", str(tmp_path / "r"))
+    assert p.returncode == 2 and p.stderr.startswith("error: tracking store") and "does not exist" in p.stderr, p.stderr
+    assert not missing.exists() and not missing.parent.exists()
+
+
+def test_empty_store_and_empty_experiment(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    c = client(uri)
+    c.create_experiment("dropout-mlp")  # an experiment with no runs
+    p = report("--tracking-uri", uri, "--out", str(tmp_path / "r"))
+    assert p.returncode == 2 and p.stderr.startswith("error: no runs of") and "make sweep" in p.stderr, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr
+
+
+def test_out_folder_with_other_files_is_refused(store, tmp_path):
+    (tmp_path / "keep.txt").write_text("mine")
+    p = report("--tracking-uri", store, "--out", str(tmp_path))
+    assert p.returncode == 2 and "not empty" in p.stderr and (tmp_path / "keep.txt").exists()
