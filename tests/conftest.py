@@ -1,4 +1,5 @@
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -27,3 +28,31 @@ def cifar(shared_archive, data_dir):
     from tune import data
 
     return data.load(f"imagefolder:{shared_archive}", str(data_dir))
+
+
+@pytest.fixture(scope="session")
+def cifar_args(shared_archive, data_dir, cifar):  # `cifar` warms the decode cache once
+    """Sweep flags for the shared CIFAR-10, decoded once per session."""
+    return ["--data", f"imagefolder:{shared_archive}", "--set", f"data_dir={data_dir}"]
+
+
+def sweep_cmd(*args) -> list[str]:
+    return [PYTHON, "-m", "tune", "sweep", *args]
+
+
+def run_sweep(cwd, *args, timeout=600):
+    """Run `python -m tune sweep` from cwd, so ./mlflow.db and ./ray_results land there."""
+    return subprocess.run(sweep_cmd(*args), cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def mlflow_runs(cwd, experiment):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{cwd}/mlflow.db")
+    exp = client.get_experiment_by_name(experiment)
+    assert exp is not None, f"no MLflow experiment {experiment}"
+    return client, client.search_runs([exp.experiment_id], max_results=1000)
+
+
+def history(client, run, key="val_loss") -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))

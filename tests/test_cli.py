@@ -33,7 +33,7 @@ def test_train_cli_on_real_data(shared_archive, data_dir):
     (["--epochs", "0"], "epochs"),
     (["--batch-size", "-5"], "batch_size"),
     (["--data", "imagefolder:/nonexistent/cifar.tar.gz"], "does not exist"),
-    (["--bogus-flag", "1"], "unrecognized"),
+    (["--bogus-flag", "1"], "unknown arguments"),
     (["--model", "transformer"], "model"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, needle):

@@ -1,29 +1,9 @@
 """Sweeps on a real local Ray instance, logging to a real MLflow SQLite store, on small data."""
 
-import subprocess
-
 import pytest
-from mlflow import MlflowClient
 
-from conftest import PYTHON
-
-
-def sweep(tmp_path, *args, timeout=600):
-    """Run `python -m tune sweep` from tmp_path, so ./mlflow.db and ./ray_results land there."""
-    return subprocess.run([PYTHON, "-m", "tune", "sweep", *args], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def runs_of(tmp_path, experiment):
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    exp = client.get_experiment_by_name(experiment)
-    assert exp is not None, f"no MLflow experiment {experiment}"
-    return client, client.search_runs([exp.experiment_id], max_results=1000)
-
-
-@pytest.fixture(scope="module")
-def cifar_args(shared_archive, data_dir, cifar):  # `cifar` makes sure the decode cache is warm
-    return ["--data", f"imagefolder:{shared_archive}", "--set", f"data_dir={data_dir}"]
+from conftest import mlflow_runs as runs_of
+from conftest import run_sweep as sweep
 
 
 def test_smoke_grid_leaves_one_complete_run_per_trial(tmp_path, cifar_args):

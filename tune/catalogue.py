@@ -130,6 +130,11 @@ def expand(name: str, sets: dict | None = None, grids: dict | None = None, seeds
         return [t for part in exp.parts for t in expand(part, sets, grids, seeds, base)]
     if exp.search:
         raise UserError(f"{name} is a search experiment; it has no fixed grid")
+    scoped = {k.split(".")[0] for k in (sets or {}) if "." in k}
+    models = {v.get("model", TrialConfig.model) for v in exp.variants}
+    if scoped - models:
+        raise UserError(f"--set {sorted(scoped - models)[0]}.KEY matches no trial of {name}, whose models are "
+                        f"{', '.join(sorted(models))}; drop the scope or fix the model name")
     grid = {**exp.grid, **{k: v.split(",") for k, v in (grids or {}).items()}}
     axes = list(grid)
     trials = []

@@ -13,6 +13,7 @@ class Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line on stderr and exit 2."""
 
     def error(self, message):
+        message = message.replace("unrecognized arguments", "unknown arguments")
         print(f"error: {message}; see `{self.prog} --help`", file=sys.stderr)
         sys.exit(2)
 
@@ -78,14 +79,17 @@ def cmd_sweep(args) -> int:
     from tune import sweep
 
     fields = {f.name for f in dataclasses.fields(sweep.SweepArgs)}
-    return sweep.run(sweep.SweepArgs(**{k: v for k, v in vars(args).items() if k in fields}))
+    values = {k: v for k, v in vars(args).items() if k in fields}
+    values["experiment"] = values["experiment"] or "report"
+    return sweep.run(sweep.SweepArgs(**values))
 
 
 def add_sweep_options(p: argparse.ArgumentParser) -> None:
     from tune.sweep import SweepArgs
 
     d = SweepArgs(experiment="")
-    p.add_argument("experiment", nargs="?", default="report", help="catalogue experiment (see `list`; default: report)")
+    p.add_argument("experiment", nargs="?", default=None,
+                   help="catalogue experiment (see `list`; default: report; with --resume: the resumed sweep's)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes (2,000 training images, 1,000 eval images, 3 epochs)")
     p.add_argument("--seeds", type=int, default=d.seeds, help="repeat every configuration with K seeds (default: 1)")
     p.add_argument("--samples", type=int, default=None, help="trials an Optuna search draws (default: the experiment's)")
@@ -141,7 +145,7 @@ def main(argv=None) -> int:
     try:
         return args.run(args)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)  # always one line
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -239,7 +239,8 @@ def _decode_tar(path: Path, source: str) -> Dataset:
                     data = tar.extractfile(m).read()
                     members.setdefault(key, []).append(lambda data=data: data)
     except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
-        raise DataError(f"{path} is not a readable .tar.gz ({type(e).__name__}: {e}); download it again or point "
+        first = str(e).strip().splitlines()[0].rstrip(":") if str(e).strip() else ""
+        raise DataError(f"{path} is not a readable .tar.gz ({type(e).__name__}: {first}); download it again or point "
                         f"imagefolder: at an unpacked folder") from None
     if not members:
         raise DataError(f"{path} holds no train/<class>/ or test/<class>/ images; check the archive's layout")

@@ -4,8 +4,11 @@ Every check that can fail on user input runs before Ray or MLflow is touched,
 so bad input leaves nothing behind.
 """
 
+import dataclasses
+import json
 import math
 import os
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -132,6 +135,8 @@ def _connect(address: str | None, gpus_per_trial: float | None, cpus_per_trial: 
     import ray
 
     address = address or os.environ.get("RAY_ADDRESS") or None
+    if address not in (None, "auto", "local"):
+        _check_port(address)
     if num_gpus is not None and address is not None:
         raise UserError("--num-gpus declares GPUs of a local Ray instance; a cluster's GPUs are its own (drop --num-gpus)")
     try:
@@ -153,13 +158,26 @@ def _connect(address: str | None, gpus_per_trial: float | None, cpus_per_trial: 
     return gpus_per_trial
 
 
-def _scheduler(p: Plan):
+def _check_port(address: str) -> None:
+    """ray.init retries an unreachable address for minutes: fail in seconds instead."""
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    fix = "start it with `ray start --head`, or fix --address / RAY_ADDRESS"
+    if not host or not port.isdigit():
+        raise UserError(f"Ray address {address!r} is not HOST:PORT (or ray://HOST:PORT); {fix}")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as e:
+        raise UserError(f"cannot reach the Ray cluster at {address} ({e.strerror or e}); {fix}") from None
+
+
+def _scheduler(p: Plan, uri: str, sweep_id: str):
     if p.scheduler == "fifo":
         return None
-    from ray.tune.schedulers import ASHAScheduler
+    from tune.trainable import ResumableASHA
 
     # time_attr is our epoch counter, not training_iteration, which restarts on restore.
-    return ASHAScheduler(time_attr="epoch", max_t=p.epochs, grace_period=p.grace_period,
+    return ResumableASHA(uri, sweep_id, time_attr="epoch", max_t=p.epochs, grace_period=p.grace_period,
                          reduction_factor=p.reduction_factor)
 
 
@@ -175,7 +193,47 @@ def _param_space(p: Plan) -> dict:
     return space
 
 
+SWEEP_FILE = "sweep.json"  # beside Ray's experiment state: what --resume needs to rebuild the sweep
+
+
+def _sweep_dirs(storage: str) -> list[Path]:
+    """Sweeps in `storage`, newest first."""
+    root = Path(storage)
+    found = [p.parent for p in root.glob(f"*/{SWEEP_FILE}")] if root.is_dir() else []
+    return sorted(found, key=lambda d: (d / SWEEP_FILE).stat().st_mtime, reverse=True)
+
+
+def _resume_args(args: SweepArgs) -> SweepArgs:
+    """The arguments of the sweep to resume, from its sweep.json."""
+    storage = _check_storage(args.storage)
+    if args.sweep_id:
+        folder = Path(storage) / args.sweep_id
+        if not (folder / SWEEP_FILE).is_file():
+            raise UserError(f"there is no sweep {args.sweep_id!r} in {storage} to resume; check --sweep-id and --storage")
+        saved = json.loads((folder / SWEEP_FILE).read_text())
+        if saved["finished"]:
+            raise UserError(f"sweep {args.sweep_id} already finished; nothing to resume (start a new sweep without --resume)")
+    else:
+        unfinished = [json.loads((d / SWEEP_FILE).read_text()) for d in _sweep_dirs(storage)]
+        unfinished = [s for s in unfinished if not s["finished"]]
+        if not unfinished:
+            raise UserError(f"nothing to resume: no interrupted sweep in {storage}; start one without --resume")
+        saved = unfinished[0]
+    # Where it runs may change between attempts; what it runs may not.
+    keep = {"address": args.address, "verbose": args.verbose, "resume": True}
+    return SweepArgs(**{**saved["args"], **keep})
+
+
+def _write_sweep_file(folder: Path, args: SweepArgs, finished: bool) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / (SWEEP_FILE + ".tmp")
+    tmp.write_text(json.dumps({"args": dataclasses.asdict(args), "finished": finished}, indent=1))
+    tmp.replace(folder / SWEEP_FILE)
+
+
 def run(args: SweepArgs) -> int:
+    if args.resume:
+        args = _resume_args(args)
     p = plan(args)
     storage = _check_storage(args.storage)
     uri = tracking.resolve_uri(args.tracking_uri)
@@ -192,8 +250,12 @@ def run(args: SweepArgs) -> int:
 
     from tune.trainable import RunStatusCallback, SweepContext, run_trial
 
-    sweep_id = args.sweep_id or f"{args.experiment}-{time.strftime('%Y%m%d-%H%M%S')}"
-    print(f"sweep {sweep_id}: {p.n_trials} trials of {args.experiment} ({', '.join(p.experiments)}), "
+    # Pin every resolved value, so a resume rebuilds exactly this sweep.
+    args = dataclasses.replace(args, storage=storage, tracking_uri=uri, gpus_per_trial=gpus_per_trial,
+                               sweep_id=args.sweep_id or f"{args.experiment}-{time.strftime('%Y%m%d-%H%M%S')}")
+    sweep_id, folder = args.sweep_id, Path(storage) / args.sweep_id
+    verb = "resuming" if args.resume else "sweep"
+    print(f"{verb} {sweep_id}: {p.n_trials} trials of {args.experiment} ({', '.join(p.experiments)}), "
           f"at most {p.n_trials * p.epochs} trial-epochs; scheduler {p.scheduler}"
           + (f" (grace {p.grace_period}, reduction {p.reduction_factor})" if p.scheduler == "asha" else "")
           + f"; {args.cpus_per_trial:g} CPU and {gpus_per_trial:g} GPU per trial", file=sys.stderr)
@@ -204,28 +266,62 @@ def run(args: SweepArgs) -> int:
     trainable = ray.tune.with_resources(
         ray.tune.with_parameters(run_trial, dataset=dataset, sweep=ctx),
         {"cpu": args.cpus_per_trial, "gpu": gpus_per_trial})
-    search_alg = None
-    if p.experiment.search:
-        from ray.tune.search.optuna import OptunaSearch
+    if args.resume:
+        # Finished trials stay finished; unfinished and errored ones continue from their checkpoints.
+        tuner = ray.tune.Tuner.restore(str(folder), trainable=trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        search_alg = None
+        if p.experiment.search:
+            from ray.tune.search.optuna import OptunaSearch
 
-        search_alg = OptunaSearch()
-    tuner = ray.tune.Tuner(
-        trainable,
-        param_space=_param_space(p),
-        tune_config=ray.tune.TuneConfig(
-            metric="best_val_loss", mode="min", scheduler=_scheduler(p), search_alg=search_alg,
-            num_samples=p.samples if p.experiment.search else 1, max_concurrent_trials=args.max_concurrent,
-            trial_dirname_creator=lambda trial: trial.trial_id),
-        run_config=ray.tune.RunConfig(
-            name=sweep_id, storage_path=storage, verbose=args.verbose,
-            failure_config=ray.tune.FailureConfig(max_failures=args.max_failures),
-            checkpoint_config=ray.tune.CheckpointConfig(num_to_keep=2),
-            callbacks=[RunStatusCallback(uri, sweep_id)],
-            progress_reporter=_reporter(p)),
-    )
+            search_alg = OptunaSearch()
+        _write_sweep_file(folder, args, finished=False)
+        tuner = ray.tune.Tuner(
+            trainable,
+            param_space=_param_space(p),
+            tune_config=ray.tune.TuneConfig(
+                metric="best_val_loss", mode="min", scheduler=_scheduler(p, uri, sweep_id), search_alg=search_alg,
+                num_samples=p.samples if p.experiment.search else 1, max_concurrent_trials=args.max_concurrent,
+                trial_dirname_creator=_trial_dirname),
+            run_config=ray.tune.RunConfig(
+                name=sweep_id, storage_path=storage, verbose=args.verbose,
+                failure_config=ray.tune.FailureConfig(max_failures=args.max_failures),
+                checkpoint_config=ray.tune.CheckpointConfig(num_to_keep=2),
+                callbacks=[RunStatusCallback(uri, sweep_id)],
+                progress_reporter=_reporter(p)),
+        )
     results = tuner.fit()
+    unfinished = _unfinished_trials(folder)
+    errored = {r.metrics.get("trial_id") for r in results if r.error is not None and r.metrics}
+    # Close the runs no trial could close: those a Ctrl-C cut short (a resume reopens them),
+    # and any left RUNNING by a scheduler stop that raced a crash.
+    for run in tracking.sweep_runs(client, p.experiments, sweep_id):
+        trial_id = run.data.tags.get("trial_id")
+        if trial_id in unfinished:
+            tracking.finish_run(client, run.info.run_id, "killed")
+        elif run.info.status == "RUNNING":
+            tracking.finish_run(client, run.info.run_id, "error" if trial_id in errored else "scheduler")
+    if unfinished:
+        print(f"\nsweep {sweep_id} interrupted; unfinished runs are marked KILLED. Resume it with:\n"
+              f"  python -m tune sweep --resume --sweep-id {sweep_id} --storage {storage}", file=sys.stderr)
+        return 130
+    _write_sweep_file(folder, args, finished=True)
     _summary(results, sweep_id, uri, p)
     return 0 if not results.errors else 1
+
+
+def _unfinished_trials(folder: Path) -> set[str]:
+    """Trials that Ray's saved experiment state would continue on restore (an interrupted sweep has some)."""
+    # Named by start time; mtimes are useless, Ray's final sync rewrites every state file.
+    states = sorted(folder.glob("experiment_state-*.json"))
+    if not states:
+        return set()
+    trials = [json.loads(t[0]) for t in json.loads(states[-1].read_text())["trial_data"]]
+    return {t["trial_id"] for t in trials if t.get("status") not in ("TERMINATED", "ERROR")}
+
+
+def _trial_dirname(trial) -> str:
+    return trial.trial_id
 
 
 def _reporter(p: Plan):

@@ -96,6 +96,14 @@ def find_run(mlflow_client, experiment: str, sweep_id: str, trial_id: str):
     return runs[0] if runs else None
 
 
+def sweep_runs(mlflow_client, experiments: list[str], sweep_id: str) -> list:
+    """Every run of one sweep, across its experiments."""
+    ids = [e.experiment_id for e in (mlflow_client.get_experiment_by_name(n) for n in experiments) if e is not None]
+    if not ids:
+        return []
+    return list(mlflow_client.search_runs(ids, f"tags.sweep_id = '{sweep_id}'", max_results=10000))
+
+
 def git_commit(cwd: str | None = None) -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)

@@ -14,6 +14,7 @@ from pathlib import Path
 import ray
 import ray.tune
 import torch
+from ray.tune.schedulers import ASHAScheduler
 
 from tune import tracking
 from tune.config import TrialConfig
@@ -62,14 +63,17 @@ def run_trial(config: dict, dataset: Dataset, sweep: SweepContext) -> None:
     # A retried trial trains the epochs after its checkpoint again; exact restore makes
     # them identical, so the ones its run already holds are not logged twice.
     already_logged = run.logged_epochs()
+    closed = False
 
     def on_epoch(metrics: dict, snapshot: dict) -> bool:
+        nonlocal closed
         epoch = metrics["epoch"]
         if epoch not in already_logged:
             run.log_epoch(metrics)
         if metrics["final"]:
             # Close the run before the last report: a scheduler may stop the trial on it.
             run.finish(metrics["stopped_by"])
+            closed = True
         report = {k: metrics[k] for k in REPORTED} | {"mlflow_run_id": run.run_id, "node_id": node_id, "pid": os.getpid()}
         if metrics["final"] or epoch % sweep.checkpoint_every == 0:
             with tempfile.TemporaryDirectory() as folder:
@@ -81,9 +85,14 @@ def run_trial(config: dict, dataset: Dataset, sweep: SweepContext) -> None:
         return False
 
     result = train(cfg, dataset, state, on_epoch)
+    if not closed:
+        # Divergence ends the trial without raising, so Ray does not retry it; and a trial
+        # restored from its final checkpoint trains no epoch but must still close its run.
+        run.finish(result["stopped_by"], result["reason"])
     if result["stopped_by"] == "error":
-        # Divergence ends the trial without raising, so Ray does not retry it.
-        run.finish("error", result["reason"])
+        # Ray needs the metric in a trial's last result; a diverged trial ranks last.
+        ray.tune.report({k: result[k] for k in REPORTED if k in result} | {
+            "epoch": result["epochs_run"], "mlflow_run_id": run.run_id, "node_id": node_id, "pid": os.getpid()})
 
 
 class RunStatusCallback(ray.tune.Callback):
@@ -110,3 +119,31 @@ class RunStatusCallback(ray.tune.Callback):
             run_id = found.info.run_id if found else None
         if run_id and client.get_run(run_id).info.status == "RUNNING":
             tracking.finish_run(client, run_id, stopped_by, reason)
+
+
+class ResumableASHA(ASHAScheduler):
+    """ASHA whose rungs survive `Tuner.restore`.
+
+    Ray does not checkpoint the scheduler: a restored sweep gets the ASHA pickled
+    at its start, with empty rungs (ray-project/ray#30838), so it would cut less.
+    Every result ASHA ever saw is also in the trials' MLflow runs (best_val_loss
+    per epoch, our time_attr). When a restored trial that already has results is
+    added, its history is replayed into its bracket; the rungs end up as they were.
+    """
+
+    def __init__(self, tracking_uri: str, sweep_id: str, **kwargs):
+        super().__init__(**kwargs)
+        self.tracking_uri, self.sweep_id = tracking_uri, sweep_id
+
+    def on_trial_add(self, tune_controller, trial):
+        super().on_trial_add(tune_controller, trial)
+        if not trial.last_result:
+            return  # a new trial: nothing to replay
+        client = tracking.client(self.tracking_uri)
+        experiment, _ = trial_values(trial.config)
+        run = tracking.find_run(client, experiment, self.sweep_id, trial.trial_id)
+        if run is None:
+            return
+        bracket = self._trial_info[trial.trial_id]
+        for m in sorted(client.get_metric_history(run.info.run_id, self._metric), key=lambda m: m.step):
+            bracket.on_result(trial, m.step, self._metric_op * m.value)
