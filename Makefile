@@ -43,10 +43,13 @@ sweep: install
 		$(if $(SCHEDULER),--scheduler $(SCHEDULER)) $(if $(RESUME),--resume) $(if $(RAY_ADDRESS),--address $(RAY_ADDRESS)) $(SWEEP_ARGS)
 
 MLFLOW_PORT ?= 5000
-# Serves the default store (./mlflow.db) on 127.0.0.1; with MLFLOW_TRACKING_URI set to a server, points there instead.
+# Serves the default store (./mlflow.db) on 127.0.0.1; with MLFLOW_TRACKING_URI set to a server, or with the
+# Docker stack up (make up), points there instead.
 mlflow-ui: install
 	@if [ -n "$$MLFLOW_TRACKING_URI" ] && echo "$$MLFLOW_TRACKING_URI" | grep -q '^http'; then \
 		echo "runs are on the tracking server: open $$MLFLOW_TRACKING_URI"; \
+	elif url=$$(ENV_FILE=$(ENV_FILE) PYTHON=$(PY) docker/mlflow-url.sh); then \
+		echo "the stack's MLflow is up: open $$url (log in with MLFLOW_ADMIN_USERNAME and MLFLOW_ADMIN_PASSWORD from $(ENV_FILE))"; \
 	else \
 		$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port $(MLFLOW_PORT); \
 	fi

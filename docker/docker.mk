@@ -1,1 +1,43 @@
-# Docker targets (filled in by the deployment work).
+# The Docker deployment (docker/compose.yaml); README "Run on a GPU cluster" walks through it.
+#   make env                       .env from .env.example, with fresh random secrets
+#   make up [WORKERS=N]            build, start and wait until healthy (MULTIHOST=1: see compose.multihost.yaml)
+#   make worker-up                 on another GPU host: one worker joining CLUSTER_HEAD_IP's head
+#   make down / make logs [SERVICE=mlflow]
+#   make sweep-cluster EXP=report  the sweep as a Ray job on the stack (SMOKE, DATA, SEEDS, ... as for `make sweep`)
+#   make stack-test                the same stack without Docker, as CI runs it
+COMPOSE ?= docker compose
+ENV_FILE ?= .env
+WORKERS ?= 1
+MULTIHOST ?=
+SERVICE ?=
+DC = $(COMPOSE) --env-file $(ENV_FILE) -f docker/compose.yaml $(if $(MULTIHOST),-f docker/compose.multihost.yaml)
+
+.PHONY: env up worker-up down logs sweep-cluster stack-test check-env-file
+
+env:
+	docker/init-env.sh $(ENV_FILE)
+
+check-env-file:
+	@test -f $(ENV_FILE) || { echo "no $(ENV_FILE): run 'make env' (or copy .env.example and fill in the secrets)" >&2; exit 1; }
+
+up: check-env-file
+	$(DC) up --detach --build --wait --scale ray-worker=$(WORKERS)
+
+# Only the worker, on a host other than the head's: no PostgreSQL, MLflow or head here.
+worker-up: MULTIHOST = 1
+worker-up: check-env-file
+	$(DC) up --detach --build --no-deps ray-worker
+
+down:
+	$(DC) down
+
+logs:
+	$(DC) logs --follow --tail=100 $(SERVICE)
+
+sweep-cluster: install
+	ENV_FILE=$(ENV_FILE) RAY=$(VENV)/bin/ray docker/sweep-cluster.sh $(EXP) $(if $(SMOKE),--smoke) \
+		$(if $(DATA),--data $(DATA)) $(if $(SEEDS),--seeds $(SEEDS)) $(if $(SCHEDULER),--scheduler $(SCHEDULER)) \
+		$(if $(RESUME),--resume) $(SWEEP_ARGS)
+
+stack-test: install
+	$(PY) -m pytest -q tests/test_deploy_static.py tests/test_deploy_scripts.py tests/test_deploy_stack.py

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# `make sweep-cluster`: submit `python -m tune sweep ARGS...` to the stack's Ray head as a Ray job.
+# The driver runs on the head, so it uses the head's MLflow URI and credentials and the cluster's
+# paths; this side needs only the Ray token, from the environment or the env file.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# shellcheck source=docker/env-file.sh
+. docker/env-file.sh
+
+die() {
+    printf 'sweep-cluster: error: %s\n' "$*" >&2
+    exit 1
+}
+[ $# -ge 1 ] || die "usage: docker/sweep-cluster.sh EXPERIMENT [sweep options]"
+
+RAY_AUTH_TOKEN=${RAY_AUTH_TOKEN:-$(env_file_value RAY_AUTH_TOKEN)}
+[ -n "$RAY_AUTH_TOKEN" ] || die "no RAY_AUTH_TOKEN in the environment or in ${ENV_FILE:-.env} (make env, or see .env.example)"
+export RAY_AUTH_MODE=token RAY_AUTH_TOKEN
+unset RAY_AUTH_TOKEN_PATH RAY_ADDRESS
+
+port=${RAY_DASHBOARD_PUBLISHED_PORT:-$(env_file_value RAY_DASHBOARD_PUBLISHED_PORT)}
+address=${RAY_JOBS_ADDRESS:-http://127.0.0.1:${port:-8265}}
+# Paths on the cluster (the volumes of compose.yaml), not on this machine. Ours come first so
+# that the caller's own --storage or --set data_dir=... win.
+storage=${CLUSTER_STORAGE_PATH:-/mnt/ray-storage}
+data_dir=${CLUSTER_DATA_DIR:-/data}
+
+# --working-dir ships this checkout (less what .gitignore lists), so the cluster runs the code you
+# see here; the image supplies the pinned dependencies.
+exec "${RAY:-ray}" job submit --address "$address" --working-dir . -- \
+    python -m tune sweep --storage "$storage" --set "data_dir=$data_dir" "$@"

