@@ -107,12 +107,17 @@ def _search_runs(uri: str, experiment_ids: dict[str, str]) -> pd.DataFrame:
 
     if not experiment_ids:
         return pd.DataFrame()
-    previous = mlflow.get_tracking_uri()
+    # set_tracking_uri also exports MLFLOW_TRACKING_URI to every later subprocess: undo both.
+    previous, previous_env = mlflow.get_tracking_uri(), os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
     try:
         raw = mlflow.search_runs(experiment_ids=list(experiment_ids.values()), output_format="pandas")
     finally:
         mlflow.set_tracking_uri(previous)
+        if previous_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous_env
     if raw.empty:
         return pd.DataFrame()
     names = {v: k for k, v in experiment_ids.items()}

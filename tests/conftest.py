@@ -10,6 +10,13 @@ SHARED_ARCHIVE = Path(os.environ.get("CIFAR10_JPG", ROOT.parent / "shared" / "da
 PYTHON = sys.executable
 
 
+@pytest.fixture(autouse=True)
+def hermetic_env(monkeypatch):
+    """Tests choose their own store and cluster: a developer's (or a library's) exported ones must not leak in."""
+    for name in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.delenv(name, raising=False)
+
+
 @pytest.fixture(scope="session")
 def shared_archive() -> Path:
     if not SHARED_ARCHIVE.is_file():

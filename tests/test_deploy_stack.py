@@ -337,6 +337,9 @@ def test_a_sweep_submitted_to_the_stack_lands_in_mlflow_behind_auth(stack):
     for r in runs:
         assert r["info"]["status"] == "FINISHED"
         assert _kv(r["data"]["tags"])["stopped_by"] == "completed"
+        # the job ran an uploaded copy without .git; the submitter passed the commit on
+        assert _kv(r["data"]["tags"])["git_commit"].split("-")[0] == subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
         assert {"val_loss", "best_val_loss", "test_acc"} <= set(_kv(r["data"]["metrics"]))
 
     # The same request without credentials, or with a wrong password, is refused.

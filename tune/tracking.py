@@ -14,6 +14,7 @@ The schema (what analysis/ reads):
 
 import os
 import subprocess
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -105,6 +106,9 @@ def sweep_runs(mlflow_client, experiments: list[str], sweep_id: str) -> list:
 
 
 def git_commit(cwd: str | None = None) -> str:
+    # A job submitted to a cluster runs a copy of the code without .git: its submitter says.
+    if os.environ.get("TUNE_GIT_COMMIT"):
+        return os.environ["TUNE_GIT_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
@@ -155,13 +159,14 @@ class TrialRun:
         return {m.step for m in self.client.get_metric_history(self.run_id, "val_loss")}
 
     def log_epoch(self, metrics: dict) -> None:
-        import mlflow
+        """One batched call per epoch (the client's log_batch: the fluent API would set a global URI)."""
+        from mlflow.entities import Metric
 
         values = {k: float(metrics[k]) for k in EPOCH_METRICS}
         if metrics.get("improved"):
             values.update({k: float(metrics[k]) for k in BEST_METRICS})
-        mlflow.set_tracking_uri(self.uri)
-        mlflow.log_metrics(values, step=int(metrics["epoch"]), run_id=self.run_id)
+        now, step = int(time.time() * 1000), int(metrics["epoch"])
+        self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in values.items()])
 
     def finish(self, stopped_by: str, reason: str = "") -> None:
         finish_run(self.client, self.run_id, stopped_by, reason)
