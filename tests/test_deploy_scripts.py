@@ -219,7 +219,8 @@ def test_sweep_cluster_needs_the_token_and_reads_it_from_the_env_file(tmp_path):
     assert p.returncode == 0, p.stderr
     auth, args = p.stdout.splitlines()
     assert auth == f"token={TOKEN} mode=token"
-    assert args.startswith("job submit --address http://127.0.0.1:18265 --working-dir . -- python -m tune sweep ")
+    assert args.startswith("job submit --address http://127.0.0.1:18265 --working-dir . --runtime-env-json ")
+    assert '"TUNE_GIT_COMMIT": "' in args and " -- python -m tune sweep " in args
     assert args.endswith(" report --smoke") and "--storage /mnt/ray-storage --set data_dir=/data" in args
 
 

@@ -109,7 +109,8 @@ def parse_assignments(items: list[str], flag: str) -> dict[str, str]:
     return out
 
 
-def _apply(values: dict, overrides: dict) -> dict:
+def apply_overrides(values: dict, overrides: dict) -> dict:
+    """`overrides` on top of `values`; a `mlp.KEY` or `cnn.KEY` override applies only to that model."""
     out = dict(values)
     for key, value in overrides.items():
         scope, _, name = key.rpartition(".")
@@ -140,7 +141,7 @@ def expand(name: str, sets: dict | None = None, grids: dict | None = None, seeds
     trials = []
     for variant in exp.variants:
         for combo in itertools.product(*(grid[a] for a in axes)):
-            values = _apply({**(base or {}), **variant, **dict(zip(axes, combo))}, sets or {})
+            values = apply_overrides({**(base or {}), **variant, **dict(zip(axes, combo))}, sets or {})
             for seed_offset in range(seeds):
                 v = {**values, "seed": int(values.get("seed", 0)) + seed_offset}
                 try:

@@ -91,7 +91,7 @@ def plan(args: SweepArgs) -> Plan:
         samples = args.samples or exp.samples
         if samples < 1:
             raise UserError(f"--samples {samples} must be at least 1")
-        fixed = catalogue._apply({**base, **exp.variants[0]}, sets)
+        fixed = catalogue.apply_overrides({**base, **exp.variants[0]}, sets)
         # Validate the fixed part with one point of the space, so errors surface now.
         probe = {k: (v[1] if v[0] != "choice" else v[1][0]) for k, v in exp.search.items()}
         try:
