@@ -5,7 +5,7 @@ everything but the scheduler the same; ASHA runs with the catalogue's defaults. 
 curve comes from its result.json lines. From the FIFO curves this benchmark also replays
 Ray's ASHA offline for a grid of (grace period, reduction factor): the rung rule of
 ray.tune.schedulers.AsyncHyperBandScheduler, trials started in grid order on as many slots
-as the sweep had, each epoch taking the time it took under FIFO. The replay picks the
+as the sweep had, every epoch taking one time unit. The replay picks the
 cheapest setting that keeps the winner's test accuracy; the full variant confirms it with a
 real ASHA run when it differs from the defaults.
 """
@@ -57,7 +57,7 @@ def sweep(name: str, scheduler: str, sets: dict, data: str, data_dir: str, workd
         lines = [json.loads(line) for line in result_file.read_text().splitlines() if line.strip()]
         params = json.loads((result_file.parent / "params.json").read_text())["trial"]
         trials.append({"dropout": float(params["dropout"]), "trial_id": result_file.parent.name,
-                       "curve": [{k: r[k] for k in ("epoch", "val_loss", "best_val_loss", "best_epoch", "test_acc",
+                       "curve": [{k: r[k] for k in ("epoch", "train_loss", "val_loss", "val_acc", "best_val_loss", "best_epoch", "test_acc",
                                                      "time_this_iter_s", "time_total_s")} for r in lines]})
     trials.sort(key=lambda t: t["dropout"])
     return {"trials": trials, "wall_seconds": wall, "header": header}
@@ -95,7 +95,12 @@ class Bracket:
 
 
 def replay(trials: list[dict], grace: int, rf: int, slots: int) -> dict:
-    """Successive halving on recorded curves: which epoch each trial would have stopped at."""
+    """Successive halving on recorded curves: which epoch each trial would have stopped at.
+
+    Every epoch takes one time unit: the trials are one network at one speed. FIFO's own epoch
+    times were taken at different moments of a shared machine's load, and replaying them
+    reordered the arrivals at the rungs by noise (and with them the winner).
+    """
     max_t = max(len(t["curve"]) for t in trials)
     bracket = Bracket(grace, max_t, rf)
     pending = list(range(len(trials)))
@@ -104,7 +109,7 @@ def replay(trials: list[dict], grace: int, rf: int, slots: int) -> dict:
     now = 0.0
 
     def start(i, at):
-        running[i] = (at + trials[i]["curve"][0]["time_this_iter_s"], 1)
+        running[i] = (at + 1.0, 1)
 
     while pending and len(running) < slots:
         start(pending.pop(0), now)
@@ -120,7 +125,7 @@ def replay(trials: list[dict], grace: int, rf: int, slots: int) -> dict:
             if pending:
                 start(pending.pop(0), now)
         else:
-            running[i] = (now + trials[i]["curve"][epoch]["time_this_iter_s"], epoch + 1)
+            running[i] = (now + 1.0, epoch + 1)
     last = {i: trials[i]["curve"][e - 1] for i, e in stopped_at.items()}
     win = min(last, key=lambda i: last[i]["best_val_loss"])
     return {"trial_epochs": sum(stopped_at.values()), "winner_dropout": trials[win]["dropout"],
@@ -156,9 +161,9 @@ def replay_only(path: str, slots: int) -> dict:
     trials = []
     for d, curve in sorted(saved["details"]["curves"].items(), key=lambda kv: float(kv[0])):
         best_epoch, rows = 0, []
-        for r in curve:  # older results saved fewer fields: every epoch then counts as one time unit
+        for r in curve:  # older results saved fewer fields
             best_epoch = r["epoch"] if r["val_loss"] <= r["best_val_loss"] else best_epoch
-            rows.append({"time_this_iter_s": 1.0, "time_total_s": float(r["epoch"]), "best_epoch": best_epoch, **r})
+            rows.append({"time_total_s": float(r["epoch"]), "best_epoch": best_epoch, **r})
         trials.append({"dropout": float(d), "curve": rows})
     rows = replays({"trials": trials, "wall_seconds": 0.0}, slots)
     best = recommend(rows)
@@ -236,7 +241,7 @@ def run(args) -> dict:
         clocks={"wall_seconds": "time.perf_counter() in this process around each `python -m tune sweep` subprocess, "
                                 "from launch to exit (Ray start-up and shutdown included)",
                 "trial-epochs": "the sum over trials of the last epoch each reported (Ray's result.json)",
-                "replay": "simulated time: each epoch of a trial lasts its FIFO time_this_iter_s"},
+                "replay": "simulated time: every epoch of every trial lasts one unit"},
         run={"experiment": EXPERIMENT, "sets": size["sets"], "data": args.data, "cpus_per_trial": 1, "slots": slots,
              "trials": len(fifo["trials"]), "metric": "best_val_loss (min)", "time_attr": "epoch",
              "fifo_header": fifo["header"], "asha_header": asha["header"]},

@@ -16,6 +16,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+# The machine may be shared: its load when a benchmark started and ended goes into the record.
+LOAD_AT_START = os.getloadavg()
 RESULTS = REPO / "bench" / "results"
 DEFAULT_DATA = f"imagefolder:{(REPO.parent / 'shared' / 'data' / 'cifar10-jpg.tar.gz').resolve()}"
 DEFAULT_DATA_DIR = str(REPO / "data")
@@ -67,7 +69,8 @@ def record(name: str, variant: str, figures: dict, *, targets: dict, clocks: dic
             "targets": {k: f"{op} {bound}" for k, (op, bound) in targets.items()}, "met": met,
             "command": " ".join(["python -m bench", *sys.argv[1:]]),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "machine": machine(), "versions": versions(), "git_commit": git_commit(),
+            "machine": {**machine(), "load_average_1_5_15min": {"start": LOAD_AT_START, "end": os.getloadavg()}},
+            "versions": versions(), "git_commit": git_commit(),
             "clocks": clocks, "run": run, "details": details}
 
 

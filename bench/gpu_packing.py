@@ -52,7 +52,7 @@ OPTIONS = {
 }
 SIZES = {
     "full": {"epochs": 40, "packing": (1, 2, 4, 8), "mlp_packing": (1, 4, 8), "options": list(OPTIONS)},
-    "quick": {"epochs": 20, "packing": (1, 2, 4, 8), "mlp_packing": (1, 8), "options": list(OPTIONS)},
+    "quick": {"epochs": 20, "packing": (1, 2, 4, 8), "mlp_packing": (1, 4, 8), "options": list(OPTIONS)},
     # A dry run of the mechanics on the CPU (tests, or a machine without a GPU).
     "tiny": {"epochs": 3, "packing": (1, 2), "mlp_packing": (1,), "options": ["defaults", "amp=bf16", "torch BN+Dropout"],
              "channels": "8,16", "limit": 600},

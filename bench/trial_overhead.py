@@ -45,14 +45,15 @@ EXPERIMENTS = {"mlp": ("dropout-mlp", "0.5"), "cnn": ("dropout-cnn", "0.5")}
 SIZES = {
     # 10 epochs on the full 40k training split: the per-epoch costs show, and the default
     # checkpoint_every (10) checkpoints once, at the end, as a real trial's last epoch does.
+    # The CNN on a subset, still long enough (~1.5 min here) that its fixed cost is not all we see.
     "full": {"reps": {"mlp": 2, "cnn": 2}, "extras": True,
              "mlp": {"limit": 0, "eval_limit": 0, "epochs": 10},
-             "cnn": {"limit": 2000, "eval_limit": 1000, "epochs": 4}},
-    # ~30 s of training each: a trial's fixed cost (~1 s: importing MLflow and opening its run)
-    # must not swamp it, as it never does in a real trial of many minutes.
-    "quick": {"reps": {"mlp": 2, "cnn": 1}, "extras": False,
-              "mlp": {"limit": 0, "eval_limit": 2000, "epochs": 4},
-              "cnn": {"limit": 3000, "eval_limit": 500, "epochs": 2}},
+             "cnn": {"limit": 5000, "eval_limit": 1000, "epochs": 4}},
+    # One pair each, ~40 s (MLP) and ~55 s (CNN) of training: a trial's fixed cost (~1.5 s here:
+    # importing MLflow and opening its run) is 3-4% of that, against ~0.2% of a real 100-epoch trial.
+    "quick": {"reps": {"mlp": 1, "cnn": 1}, "extras": False,
+              "mlp": {"limit": 0, "eval_limit": 2000, "epochs": 6},
+              "cnn": {"limit": 3000, "eval_limit": 500, "epochs": 4}},
 }
 
 
@@ -251,16 +252,15 @@ def measure(model: str, size: dict, reps: int, data: str, data_dir: str, workdir
 def reuse_actors(data: str, data_dir: str, workdir: Path) -> dict:
     """Two sweeps of short trials (6 MLP trials of one small epoch) side by side: reuse_actors off and on.
 
-    tune/sweep.py has no option for it, so both launch the CLI through a shim that sets
-    ray.tune.TuneConfig(reuse_actors=...) (see the bottom of this file). Measured: each sweep's
-    wall time from launch to exit, and its trials' summed time_total_s.
+    Both are the CLI, with --no-reuse-actors and --reuse-actors (the default). Measured: each
+    sweep's wall time from launch to exit, and its trials' summed time_total_s.
     """
     procs = {}
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "RAY_ADDRESS")}
     print(f"{NAME}: 6 short trials per sweep, reuse_actors off and on side by side", file=sys.stderr, flush=True)
     for flag in ("off", "on"):
         sweep_id = f"bench-reuse-{flag}"
-        cmd = [sys.executable, "-m", "bench.trial_overhead", "sweep-reuse-actors", "1" if flag == "on" else "0",
+        cmd = [sys.executable, "-m", "tune", "sweep", "--reuse-actors" if flag == "on" else "--no-reuse-actors",
                "dropout-mlp", "--grid", "dropout=0.1,0.2,0.3,0.4,0.5,0.6", "--scheduler", "fifo", "--data", data,
                "--set", f"data_dir={os.path.abspath(data_dir)}", "--set", "epochs=1", "--set", "limit=2000",
                "--set", "eval_limit=1000", "--storage", str(workdir / "ray_results"),
@@ -356,13 +356,3 @@ def run(args) -> dict:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["bare"]:
         print(json.dumps(bare(json.loads(sys.argv[2]), int(sys.argv[3]), sys.argv[4])))
-    elif sys.argv[1:2] == ["sweep-reuse-actors"]:
-        # The CLI as is, with Ray's reuse_actors forced: tune/sweep.py builds ray.tune.TuneConfig at call time.
-        import functools
-
-        import ray.tune
-
-        from tune.cli import main
-
-        ray.tune.TuneConfig = functools.partial(ray.tune.TuneConfig, reuse_actors=sys.argv[2] == "1")
-        sys.exit(main(["sweep", *sys.argv[3:]]))

@@ -1,7 +1,10 @@
 """Sweeps on a real local Ray instance, logging to a real MLflow SQLite store, on small data."""
 
+import json
+
 import pytest
 
+from conftest import history
 from conftest import mlflow_runs as runs_of
 from conftest import run_sweep as sweep
 
@@ -85,3 +88,21 @@ def test_bad_input_fails_fast_with_one_line(tmp_path, args, needle):
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], p.stderr
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "ray_results").exists()
+
+
+def test_reused_worker_runs_each_trial_as_a_fresh_process_would(tmp_path, cifar_args):
+    # One worker at a time: with reuse_actors (the default) it runs all three trials.
+    grid = ("dropout-mlp", "--smoke", "--grid", "dropout=0.1,0.5,0.9", "--set", "epochs=2", "--scheduler", "fifo",
+            "--max-concurrent", "1", *cifar_args)
+    pids, curves = {}, {}
+    for mode in ("--reuse-actors", "--no-reuse-actors"):
+        (tmp_path / mode).mkdir()
+        p = sweep(tmp_path / mode, *grid, mode)
+        assert p.returncode == 0, p.stderr[-3000:]
+        results = [json.loads(f.read_text().splitlines()[-1]) for f in (tmp_path / mode).glob("ray_results/*/*/result.json")]
+        pids[mode] = {r["pid"] for r in results}
+        client, runs = runs_of(tmp_path / mode, "dropout-mlp")
+        assert len(runs) == 3 and all(r.info.status == "FINISHED" for r in runs)
+        curves[mode] = {r.data.params["dropout"]: history(client, r) for r in runs}
+    assert len(pids["--reuse-actors"]) == 1 and len(pids["--no-reuse-actors"]) == 3
+    assert curves["--reuse-actors"] == curves["--no-reuse-actors"]

@@ -98,8 +98,9 @@ def add_sweep_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grid", action="append", metavar="KEY=V1,V2",
                    help="replace (or add) one grid axis, e.g. --grid dropout=0.1,0.5,0.9")
     p.add_argument("--scheduler", choices=("asha", "fifo"), help="asha stops weak trials early; fifo runs all to the end")
-    p.add_argument("--grace-period", type=int, help="ASHA: epochs before the first cut (default: epochs/10, at least 1)")
-    p.add_argument("--reduction-factor", type=int, help="ASHA: keep 1/N at each rung (default: 3)")
+    p.add_argument("--grace-period", type=int,
+                   help="ASHA: epochs before the first cut (default: the experiment's fraction of the epochs, see `list`)")
+    p.add_argument("--reduction-factor", type=int, help="ASHA: keep 1/N at each rung (default: the experiment's, see `list`)")
     p.add_argument("--data", help="dataset for every trial (default: cifar10); see `train --help`")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray instance)")
     p.add_argument("--storage", default=d.storage,
@@ -111,6 +112,9 @@ def add_sweep_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
                    help=f"epochs between checkpoints; the last epoch always checkpoints (default: {d.checkpoint_every})")
     p.add_argument("--max-failures", type=int, default=d.max_failures, help="retries of a failed trial (default: 2)")
+    p.add_argument("--reuse-actors", action=argparse.BooleanOptionalAction, default=d.reuse_actors,
+                   help="run a node's trials one after another in the same worker processes, which saves each trial "
+                        "its imports and process start (default: on)")
     p.add_argument("--resume", action="store_true", help="continue the latest interrupted sweep (or --sweep-id)")
     p.add_argument("--sweep-id", help="with --resume: which sweep to continue")
     p.add_argument("--num-gpus", type=int,

@@ -39,6 +39,7 @@ class SweepArgs:
     max_concurrent: int | None = None
     checkpoint_every: int = 10
     max_failures: int = 2
+    reuse_actors: bool = True
     resume: bool = False
     sweep_id: str | None = None
     verbose: int = 1
@@ -282,7 +283,7 @@ def run(args: SweepArgs) -> int:
             tune_config=ray.tune.TuneConfig(
                 metric="best_val_loss", mode="min", scheduler=_scheduler(p, uri, sweep_id), search_alg=search_alg,
                 num_samples=p.samples if p.experiment.search else 1, max_concurrent_trials=args.max_concurrent,
-                trial_dirname_creator=_trial_dirname),
+                trial_dirname_creator=_trial_dirname, reuse_actors=args.reuse_actors),
             run_config=ray.tune.RunConfig(
                 name=sweep_id, storage_path=storage, verbose=args.verbose,
                 failure_config=ray.tune.FailureConfig(max_failures=args.max_failures),
