@@ -81,8 +81,13 @@ def result_path(out_dir: str | Path, name: str, variant: str) -> Path:
 def write(result: dict, out_dir: str | Path) -> Path:
     path = result_path(out_dir, result["benchmark"], result["variant"])
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1) + "\n")
+    path.write_text(portable(json.dumps(result, indent=1)) + "\n")
     return path
+
+
+def portable(text: str) -> str:
+    """Results get committed: this machine's paths become relative to the repository root."""
+    return text.replace(str(REPO), ".").replace(str(REPO.parent), "..")
 
 
 def table(rows: list[dict], columns: list[str] | None = None) -> str:

@@ -49,8 +49,8 @@ SIZES = {
     "full": {"reps": {"mlp": 2, "cnn": 2}, "extras": True,
              "mlp": {"limit": 0, "eval_limit": 0, "epochs": 10},
              "cnn": {"limit": 5000, "eval_limit": 1000, "epochs": 4}},
-    # One pair each, ~40 s (MLP) and ~55 s (CNN) of training: a trial's fixed cost (~1.5 s here:
-    # importing MLflow and opening its run) is 3-4% of that, against ~0.2% of a real 100-epoch trial.
+    # One pair each, ~50 s (MLP) and ~40 s (CNN) of training. A trial's fixed cost inside Ray's
+    # clock (opening its MLflow run, ~0.1 s) is well under 1% of that; a single pair's spread (+-4%) is not.
     "quick": {"reps": {"mlp": 1, "cnn": 1}, "extras": False,
               "mlp": {"limit": 0, "eval_limit": 2000, "epochs": 6},
               "cnn": {"limit": 3000, "eval_limit": 500, "epochs": 4}},

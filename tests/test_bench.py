@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from bench import common
-from bench.asha_vs_grid import Bracket, replay, replay_only
+from bench.asha_vs_grid import Bracket, recommend, replay, replay_only, replays
 from conftest import PYTHON, ROOT
 from models import build_model, layers
 
@@ -76,6 +76,24 @@ def test_replay_cuts_the_slow_starter_with_a_short_grace_period():
     assert full["winner_dropout"] == 0.9 and full["trial_epochs"] == 18
 
 
+def test_replays_count_the_arrival_orders_that_keep_the_winner():
+    def curve(losses):
+        best = [min(losses[:i + 1]) for i in range(len(losses))]
+        return [{"epoch": e + 1, "val_loss": v, "best_val_loss": b, "best_epoch": best.index(b) + 1, "test_acc": 1 - b,
+                 "time_total_s": e + 1.0} for e, (v, b) in enumerate(zip(losses, best))]
+
+    # Two trials start together; at the first rung only the first to arrive passes unconditionally.
+    # In grid order the fast starter arrives first and cuts the best trial; in about half of the
+    # arrival orders the best trial arrives first and both go on.
+    trials = [{"dropout": 0.1, "curve": curve([0.5, 0.45, 0.4, 0.4])}, {"dropout": 0.5, "curve": curve([0.6, 0.4, 0.3, 0.2])}]
+    rows = {(r["grace"], r["rf"]): r for r in replays({"trials": trials, "wall_seconds": 0.0}, slots=2)}
+    first_rung = rows[(1, 2)]
+    assert first_rung["winner_dropout"] == 0.1 and first_rung["gap_points"] > 0.5
+    assert 0.3 < first_rung["keeps_winner"] < 0.7
+    assert rows[(3, 2)]["keeps_winner"] == 1.0  # past the crossing, the order no longer matters
+    assert recommend(list(rows.values()))["keeps_winner"] >= 0.95
+
+
 def test_replay_mode_reads_a_saved_result(tmp_path):
     def curve(losses):
         return [{"epoch": e + 1, "val_loss": v, "best_val_loss": min(losses[:e + 1]), "test_acc": 1 - min(losses[:e + 1])}
@@ -102,6 +120,14 @@ def test_record_judges_targets_and_names_files(tmp_path):
     assert r["met"] == {"ratio": True, "gap": False} and r["targets"]["ratio"] == ">= 0.95"
     assert common.write(r, tmp_path).name == "x.quick.json"
     assert common.result_path(tmp_path, "x", "full").name == "x.json"
+
+
+def test_written_results_hold_no_path_of_this_machine(tmp_path):
+    data = f"imagefolder:{ROOT.parent / 'shared' / 'data' / 'c.tar.gz'}"
+    r = common.record("x", "quick", {}, targets={}, clocks={}, run={"data": data, "data_dir": str(ROOT / "data")}, details={})
+    written = json.loads(common.write(r, tmp_path).read_text())
+    assert written["run"] == {"data": "imagefolder:../shared/data/c.tar.gz", "data_dir": "./data"}
+    assert str(ROOT.parent) not in json.dumps(written)
 
 
 @pytest.mark.parametrize("model", ["mlp", "cnn"])
