@@ -7,10 +7,9 @@ Ray's ASHA offline for a grid of (grace period, reduction factor): the rung rule
 ray.tune.schedulers.AsyncHyperBandScheduler, trials started in grid order on as many slots
 as the sweep had, every epoch taking one time unit; and again ORDERINGS times with each trial
 running at its own speed (1 +- 5% units an epoch), for the other arrival orders at the rungs
-that a real sweep's noise makes.
-The replay picks the cheapest setting that keeps the winner's test accuracy within 0.5 points
-in 95% of those orders; the full variant confirms it with a real ASHA run when it differs from
-the defaults.
+that a real sweep's noise makes. The replay picks the cheapest setting that keeps the winner's
+test accuracy within 0.5 points in 95% of those orders; the full variant confirms it with a
+real ASHA run when it differs from the defaults.
 """
 
 import json
@@ -40,9 +39,9 @@ SIZES = {
 # At 20 epochs: grace periods 1, 2, 3, 4, 6, 8, 9, 10, 12, 14, 16.
 GRACE_FRACTIONS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.45, 0.5, 0.6, 0.7, 0.8)
 REDUCTION_FACTORS = (2, 3, 4)
-# Replays per setting with each trial's epochs lasting its own 1 +- JITTER time units: the arrival
-# orders at the rungs that a real sweep's noise makes. A setting is recommended only if it keeps the winner's
-# accuracy in KEEPS_WINNER of them.
+# Replays per setting with each trial's epochs lasting its own 1 +- JITTER time units: the
+# arrival orders at the rungs that a real sweep's noise makes. A setting is recommended only if
+# it keeps the winner's accuracy in KEEPS_WINNER of them.
 ORDERINGS, JITTER, KEEPS_WINNER = 100, 0.05, 0.95
 REPLAY_COLUMNS = ["grace", "rf", "epoch_fraction", "winner_dropout", "same_winner", "gap_points", "keeps_winner"]
 
@@ -113,7 +112,6 @@ def replay(trials: list[dict], grace: int, rf: int, slots: int, rng: random.Rand
     their own speeds. Trials that start together then reach a rung in either order, as they do
     in a real sweep, and on a close grid that order can decide who passes.
     """
-
     max_t = max(len(t["curve"]) for t in trials)
     bracket = Bracket(grace, max_t, rf)
     pending = list(range(len(trials)))

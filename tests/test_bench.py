@@ -61,12 +61,14 @@ def test_replayed_bracket_decides_as_rays():
                 assert ours.on_result(i, epoch, reward) == (rays.on_result(trial, epoch, reward) == "STOP")
 
 
-def test_replay_cuts_the_slow_starter_with_a_short_grace_period():
-    def curve(losses):
-        best = [min(losses[:i + 1]) for i in range(len(losses))]
-        return [{"epoch": e + 1, "val_loss": v, "best_val_loss": b, "test_acc": 1 - b, "time_this_iter_s": 1.0}
-                for e, (v, b) in enumerate(zip(losses, best))]
+def curve(losses: list[float]) -> list[dict]:
+    """A FIFO trial's result rows, as asha_vs_grid.sweep() records them, from its validation losses."""
+    best = [min(losses[:i + 1]) for i in range(len(losses))]
+    return [{"epoch": e + 1, "val_loss": v, "best_val_loss": b, "best_epoch": best.index(b) + 1, "test_acc": 1 - b,
+             "time_total_s": e + 1.0} for e, (v, b) in enumerate(zip(losses, best))]
 
+
+def test_replay_cuts_the_slow_starter_with_a_short_grace_period():
     fast = [0.5, 0.45, 0.44, 0.44, 0.44, 0.44]
     slow = [0.9, 0.7, 0.5, 0.4, 0.3, 0.2]  # the best trial, but worst early on
     trials = [{"dropout": 0.1, "curve": curve(fast)}, {"dropout": 0.2, "curve": curve(fast)},
@@ -77,11 +79,6 @@ def test_replay_cuts_the_slow_starter_with_a_short_grace_period():
 
 
 def test_replays_count_the_arrival_orders_that_keep_the_winner():
-    def curve(losses):
-        best = [min(losses[:i + 1]) for i in range(len(losses))]
-        return [{"epoch": e + 1, "val_loss": v, "best_val_loss": b, "best_epoch": best.index(b) + 1, "test_acc": 1 - b,
-                 "time_total_s": e + 1.0} for e, (v, b) in enumerate(zip(losses, best))]
-
     # Two trials start together; at the first rung only the first to arrive passes unconditionally.
     # In grid order the fast starter arrives first and cuts the best trial; in about half of the
     # arrival orders the best trial arrives first and both go on.
@@ -95,11 +92,10 @@ def test_replays_count_the_arrival_orders_that_keep_the_winner():
 
 
 def test_replay_mode_reads_a_saved_result(tmp_path):
-    def curve(losses):
-        return [{"epoch": e + 1, "val_loss": v, "best_val_loss": min(losses[:e + 1]), "test_acc": 1 - min(losses[:e + 1])}
-                for e, v in enumerate(losses)]
+    def saved_curve(losses):  # as older results saved it: fewer fields
+        return [{k: r[k] for k in ("epoch", "val_loss", "best_val_loss", "test_acc")} for r in curve(losses)]
 
-    saved = {"details": {"curves": {"0.1": curve([0.5, 0.45, 0.44, 0.44]), "0.5": curve([0.9, 0.6, 0.4, 0.3])}}}
+    saved = {"details": {"curves": {"0.1": saved_curve([0.5, 0.45, 0.44, 0.44]), "0.5": saved_curve([0.9, 0.6, 0.4, 0.3])}}}
     path = tmp_path / "asha.json"
     path.write_text(json.dumps(saved))
     out = replay_only(str(path), slots=1)
