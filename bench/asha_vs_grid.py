@@ -48,12 +48,7 @@ REPLAY_COLUMNS = ["grace", "rf", "epoch_fraction", "winner_dropout", "same_winne
 
 def sweep(name: str, scheduler: str, sets: dict, data: str, data_dir: str, workdir: Path, extra=()) -> dict:
     """Run one sweep with the CLI; return its trials' result lines and its wall time."""
-    cmd = [sys.executable, "-m", "tune", "sweep", EXPERIMENT, "--scheduler", scheduler, "--data", data,
-           "--set", f"data_dir={os.path.abspath(data_dir)}", "--storage", str(workdir / "ray_results"),
-           "--tracking-uri", f"sqlite:///{workdir / 'mlflow.db'}", "--sweep-id", name, "--verbose", "0", *extra]
-    for key, value in sets.items():
-        cmd += ["--set", f"{key}={value}"]
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "RAY_ADDRESS")}
+    cmd, env = common.sweep_command(EXPERIMENT, name, data, data_dir, workdir, sets, "--scheduler", scheduler, *extra)
     print(f"  {name}: {' '.join(cmd[3:])}", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True)

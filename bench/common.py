@@ -74,6 +74,20 @@ def record(name: str, variant: str, figures: dict, *, targets: dict, clocks: dic
             "clocks": clocks, "run": run, "details": details}
 
 
+def sweep_command(experiment: str, sweep_id: str, data: str, data_dir: str, workdir: Path, sets: dict,
+                  *options: str) -> tuple[list[str], dict]:
+    """`python -m tune sweep` as `make sweep` runs it, with its results and its MLflow store
+    (SWEEP_ID.db) in `workdir`; and the environment for it, in which Ray starts a local instance
+    and picks each trial's threads (OMP_NUM_THREADS = its CPUs)."""
+    cmd = [sys.executable, "-m", "tune", "sweep", experiment, *options, "--data", data,
+           "--set", f"data_dir={os.path.abspath(data_dir)}", "--storage", str(Path(workdir) / "ray_results"),
+           "--tracking-uri", f"sqlite:///{Path(workdir) / sweep_id}.db", "--sweep-id", sweep_id, "--verbose", "0"]
+    for key, value in sets.items():
+        cmd += ["--set", f"{key}={value}"]
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "RAY_ADDRESS")}
+    return cmd, env
+
+
 def result_path(out_dir: str | Path, name: str, variant: str) -> Path:
     return Path(out_dir) / (f"{name}.json" if variant == "full" else f"{name}.{variant}.json")
 

@@ -8,7 +8,6 @@ Ratios are taken within a repetition; the JSON reports their medians.
 
 import sys
 import time
-from unittest import mock
 
 import torch
 
@@ -41,11 +40,9 @@ def timed_training(cfg: TrialConfig, dataset, flops_train_step: int, flops_eval_
         improved.append(metrics["improved"])
         return False
 
-    builder = common.torch_layers_model if torch_layers else build_model
-    with mock.patch("tune.train.build_model", builder):
-        t0 = time.perf_counter()
-        train(cfg, dataset, on_epoch=on_epoch)
-        seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    train(cfg, dataset, on_epoch=on_epoch, build=common.torch_layers_model if torch_layers else build_model)
+    seconds = time.perf_counter() - t0
     arrays = split(dataset, cfg.val_size, cfg.limit, cfg.eval_limit)
     steps = len(arrays.train_y) // cfg.batch_size
     # Validation every epoch, the test set at every improvement (as train() does).

@@ -25,12 +25,12 @@ import os
 import queue
 import sys
 import time
-from unittest import mock
 
 import numpy as np
 import torch
 
 from bench import common
+from models import build_model
 from tune.config import TrialConfig
 from tune.data import Dataset
 from tune.train import train
@@ -101,13 +101,12 @@ def worker(spec: dict, barrier, results) -> None:
     changes = dict(spec["changes"])
     if not changes.pop("cudnn_benchmark", True):
         _pin_cudnn_benchmark_off()
-    if changes.pop("torch_layers", False):
-        mock.patch("tune.train.build_model", common.torch_layers_model).start()  # this process only
+    build = common.torch_layers_model if changes.pop("torch_layers", False) else build_model
     dataset = load_small()
     cfg = TrialConfig(model=spec["model"], dropout=0.5, epochs=spec["epochs"], val_size=N_VAL, device=spec["device"],
                       data="gpu-packing", limit=spec.get("limit", 0), **({"channels": spec["channels"]} if "channels" in spec
                                                                             else {}), **changes)
-    train(cfg.replace(epochs=1), dataset)  # CUDA context, cuDNN autotuning, compilation, allocator
+    train(cfg.replace(epochs=1), dataset, build=build)  # CUDA context, cuDNN autotuning, compilation, allocator
     if spec["device"] == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -118,7 +117,7 @@ def worker(spec: dict, barrier, results) -> None:
         stamps.append(time.time())
         return False
 
-    train(cfg, dataset, on_epoch=on_epoch)
+    train(cfg, dataset, on_epoch=on_epoch, build=build)
     n_train = min(cfg.limit or N_TRAIN - N_VAL, N_TRAIN - N_VAL)
     results.put({"stamps": stamps, "images_per_epoch": n_train // cfg.batch_size * cfg.batch_size,
                  "max_memory_bytes": torch.cuda.max_memory_allocated() if spec["device"] == "cuda" else 0})

@@ -146,14 +146,8 @@ def start_sweep(model: str, size: dict, data: str, data_dir: str, workdir: Path,
     experiment, rate = EXPERIMENTS[model]
     sweep_id = f"bench-{model}-{tag}"
     storage = workdir / "ray_results"
-    cmd = [sys.executable, "-m", "tune", "sweep", experiment, "--grid", f"dropout={rate}", "--scheduler", "fifo",
-           "--data", data, "--set", f"data_dir={os.path.abspath(data_dir)}", "--storage", str(storage),
-           "--tracking-uri", f"sqlite:///{workdir / sweep_id}.db", "--sweep-id", sweep_id, "--cpus-per-trial", "1",
-           "--checkpoint-every", str(checkpoint_every), "--verbose", "0"]
-    for key, value in size.items():
-        cmd += ["--set", f"{key}={value}"]
-    # As `make sweep` runs it: Ray picks the trial's threads (OMP_NUM_THREADS = its CPUs).
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "RAY_ADDRESS")}
+    cmd, env = common.sweep_command(experiment, sweep_id, data, data_dir, workdir, size, "--grid", f"dropout={rate}",
+                                    "--scheduler", "fifo", "--cpus-per-trial", "1", "--checkpoint-every", str(checkpoint_every))
     log = open(workdir / f"{sweep_id}.log", "w")
     launched_wall, launched = time.time(), time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -196,7 +190,7 @@ def breakdown(bs: list[dict], setup_a: float) -> dict:
     middle = [it - ep for b in bs for it, ep in zip(b["time_this_iter_s"][1:-1], b["epoch_seconds"][1:-1])]
     return {"per_epoch_overhead_seconds": common.median(middle) if middle else None,
             "last_epoch_overhead_seconds": common.median([b["time_this_iter_s"][-1] - b["epoch_seconds"][-1] for b in bs]),
-            # epoch 1 holds the trial's fixed costs (MLflow import and run, Ray's first report) and train()'s setup,
+            # epoch 1 holds the trial's fixed costs (opening its MLflow run, Ray's first report) and train()'s setup,
             # which (a) has too: take (a)'s setup (its wall minus its epochs) off.
             "first_iteration_overhead_seconds":
                 common.median([b["time_this_iter_s"][0] - b["epoch_seconds"][0] for b in bs]) - setup_a}
@@ -256,15 +250,13 @@ def reuse_actors(data: str, data_dir: str, workdir: Path) -> dict:
     sweep's wall time from launch to exit, and its trials' summed time_total_s.
     """
     procs = {}
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "RAY_ADDRESS")}
     print(f"{NAME}: 6 short trials per sweep, reuse_actors off and on side by side", file=sys.stderr, flush=True)
     for flag in ("off", "on"):
         sweep_id = f"bench-reuse-{flag}"
-        cmd = [sys.executable, "-m", "tune", "sweep", "--reuse-actors" if flag == "on" else "--no-reuse-actors",
-               "dropout-mlp", "--grid", "dropout=0.1,0.2,0.3,0.4,0.5,0.6", "--scheduler", "fifo", "--data", data,
-               "--set", f"data_dir={os.path.abspath(data_dir)}", "--set", "epochs=1", "--set", "limit=2000",
-               "--set", "eval_limit=1000", "--storage", str(workdir / "ray_results"),
-               "--tracking-uri", f"sqlite:///{workdir / sweep_id}.db", "--sweep-id", sweep_id, "--verbose", "0"]
+        cmd, env = common.sweep_command("dropout-mlp", sweep_id, data, data_dir, workdir,
+                                        {"epochs": 1, "limit": 2000, "eval_limit": 1000},
+                                        "--reuse-actors" if flag == "on" else "--no-reuse-actors",
+                                        "--grid", "dropout=0.1,0.2,0.3,0.4,0.5,0.6", "--scheduler", "fifo")
         log = open(workdir / f"{sweep_id}.log", "w")
         procs[flag] = (sweep_id, time.perf_counter(), subprocess.Popen(cmd, cwd=workdir, env=env, stdout=log,
                                                                       stderr=subprocess.STDOUT), log)

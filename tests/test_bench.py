@@ -47,6 +47,24 @@ def test_torch_layers_network_swaps_every_layer_of_ours():
         assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters())
 
 
+def test_train_builds_the_network_it_is_given():
+    from tune import data
+    from tune.config import TrialConfig
+    from tune.train import train
+
+    built = []
+
+    def build(*args, **kwargs):
+        built.append(common.torch_layers_model(*args, **kwargs))
+        return built[-1]
+
+    cfg = TrialConfig(model="mlp", hidden=64, epochs=1, batch_size=50, device="cpu", data="synthetic", val_size=200)
+    ours = train(cfg, data.synthetic(n_train=600, n_test=200))
+    theirs = train(cfg, data.synthetic(n_train=600, n_test=200), build=build)
+    assert len(built) == 1 and any(isinstance(m, nn.BatchNorm1d) for m in built[0].modules())
+    assert theirs["best_val_loss"] != ours["best_val_loss"]  # torch's dropout draws differ from ours
+
+
 def test_replayed_bracket_decides_as_rays():
     from ray.tune.experiment import Trial
     from ray.tune.schedulers.async_hyperband import _Bracket

@@ -34,8 +34,11 @@ def resolve_device(name: str) -> torch.device:
 
 
 def train(cfg: TrialConfig, data: Dataset, state: dict | None = None,
-          on_epoch: EpochCallback | None = None) -> dict:
-    """Train `cfg` on `data`, from `state` if given. Returns the best epoch's metrics and why it stopped."""
+          on_epoch: EpochCallback | None = None, build: Callable[..., torch.nn.Module] = build_model) -> dict:
+    """Train `cfg` on `data`, from `state` if given. Returns the best epoch's metrics and why it stopped.
+
+    `build` makes the network from build_model's arguments; the benchmarks pass one with torch's
+    BatchNorm and Dropout, to price ours."""
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -67,7 +70,7 @@ def train(cfg: TrialConfig, data: Dataset, state: dict | None = None,
         x = x_uint8.float().sub_(mean).mul_(inv_std)
         return x.contiguous(memory_format=memory_format)
 
-    model = build_model(cfg.model, cfg.order, cfg.dropout, cfg.dropout_kind, cfg.hidden,
+    model = build(cfg.model, cfg.order, cfg.dropout, cfg.dropout_kind, cfg.hidden,
                         cfg.conv_channels, cfg.conv_kernels).to(device, memory_format=memory_format)
     # fused: one kernel over all parameters instead of a dozen per tensor. On the CPU the
     # per-tensor Adam took ~40% of an MLP step (docs/performance.md).
