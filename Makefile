@@ -12,7 +12,7 @@ SCHEDULER ?=
 RESUME ?=
 SWEEP_ARGS ?=
 
-.PHONY: install test lint train sweep report mlflow-ui bench clean
+.PHONY: install test test-fast lint train sweep report mlflow-ui bench clean
 
 install: $(STAMP)
 
@@ -21,8 +21,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev,server]'
 	touch $@
 
+# The full suite (what CI runs); test-fast is its in-process tier, for the edit loop (a few minutes less than 3).
 test: install
 	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
 
 lint: install
 	$(VENV)/bin/ruff check models tune analysis bench tests

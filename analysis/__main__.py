@@ -17,7 +17,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> Parser:
-    from analysis.fetch import STUDY_EXPERIMENTS
+    from analysis.fetch import study_experiments
 
     parser = Parser(prog="python -m analysis", description=__doc__)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser, required=True)
@@ -26,7 +26,7 @@ def build_parser() -> Parser:
                                    "study experiment in the default store.")
     p.add_argument("--experiment", action="extend", nargs="+", metavar="NAME",
                    help=f"experiments to report (repeatable; `report` means its parts; default: all of "
-                        f"{', '.join(STUDY_EXPERIMENTS)})")
+                        f"{', '.join(study_experiments())})")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--sweep", metavar="ID", help="report this sweep_id instead of each experiment's latest sweep")
     which.add_argument("--all", action="store_true", help="pool every sweep (a configuration and seed counts once)")
@@ -48,8 +48,8 @@ def main(argv=None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"report of {len(study.runs)} runs ({study.selection}) written to {path} in {time.perf_counter() - t0:.1f} s",
-          file=sys.stderr)
+    print(f"report of {study.runs['run_id'].nunique()} runs ({study.selection}) written to {path} "
+          f"in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     print(path)
     return 0
 

@@ -18,10 +18,9 @@ import pandas as pd
 from tune import catalogue, tracking
 from tune.config import ConfigError, TrialConfig, UserError
 
-STUDY_EXPERIMENTS = tuple(name for name, e in catalogue.CATALOGUE.items() if not e.parts)
 HISTORY_KEYS = tuple(dict.fromkeys(tracking.EPOCH_METRICS + tracking.BEST_METRICS))
 TAGS = ("sweep_id", "experiment", "trial_id", "config_key", "git_commit", "stopped_by", "stop_reason",
-        "versions", "node_id", "scheduler")
+        "versions", "node_id", "scheduler", "parts", "smoke", "train_images")
 NO_SWEEP = "(no sweep_id)"
 # Limits of the tracking server's bulk-history endpoint (mlflow/server/handlers.py).
 REST_MAX_RUNS, REST_MAX_POINTS = 100, 25000
@@ -45,10 +44,15 @@ class Study:
     fetch_seconds: float = 0.0
 
 
+def study_experiments() -> list[str]:
+    """Every catalogue experiment that is not a composite, in catalogue order."""
+    return [name for name, e in catalogue.CATALOGUE.items() if not e.parts]
+
+
 def expand_experiments(names: list[str] | None) -> list[str]:
     """Catalogue composites (e.g. `report`) become their parts; the default is every study experiment."""
     out = []
-    for name in names or STUDY_EXPERIMENTS:
+    for name in names or study_experiments():
         for part in name.split(","):
             part = part.strip()
             if part in catalogue.CATALOGUE and catalogue.CATALOGUE[part].parts:
@@ -81,16 +85,19 @@ def load(uri: str, experiments: list[str] | None = None, sweep: str | None = Non
     names = expand_experiments(experiments)
     t0 = time.perf_counter()
     client = tracking.client(uri)
+    # A shared trial's run lives in one experiment and serves others: read every study experiment.
     found = {}
-    for name in names:
+    for name in dict.fromkeys([*names, *study_experiments()]):
         exp = client.get_experiment_by_name(name)
         if exp is not None and exp.lifecycle_stage == "active":
             found[name] = exp.experiment_id
     unknown = [n for n in names if n not in found and n not in catalogue.CATALOGUE]
     if unknown:
         raise UserError(f"experiment {unknown[0]!r} is neither in the catalogue nor in {uri}; "
-                        f"choose from {', '.join(STUDY_EXPERIMENTS)} or `report`")
+                        f"choose from {', '.join(study_experiments())} or `report`")
     all_runs = _search_runs(uri, found)
+    if not all_runs.empty:
+        all_runs = all_runs[all_runs["experiment"].isin(names)].reset_index(drop=True)
     if all_runs.empty:
         raise UserError(f"no runs of {', '.join(names)} in {uri}; run a sweep first (`make sweep`) "
                         f"or pass --tracking-uri to the store that holds them")
@@ -125,24 +132,35 @@ def _search_runs(uri: str, experiment_ids: dict[str, str]) -> pd.DataFrame:
 
 
 def runs_frame(raw: pd.DataFrame, experiment_names: dict[str, str]) -> pd.DataFrame:
-    """mlflow.search_runs' frame -> one typed row per run (params through TrialConfig)."""
+    """mlflow.search_runs' frame -> one typed row per (run, experiment it serves), params through TrialConfig.
+
+    A trial that several experiments share (tags `parts` and `scheduler`, comma-separated and in the
+    same order) gives one row per experiment, each with that experiment's scheduler; `home` is the
+    MLflow experiment that holds the run, and `shared` says whether other experiments read it too.
+    """
     rows = []
     for _, r in raw.iterrows():
-        row = {"run_id": r["run_id"], "experiment": experiment_names.get(r["experiment_id"], r["experiment_id"]),
-               "status": r["status"], "start_time": r["start_time"], "end_time": r.get("end_time")}
+        row = {"run_id": r["run_id"], "status": r["status"], "start_time": r["start_time"], "end_time": r.get("end_time")}
         for tag in TAGS:
             value = r.get(f"tags.{tag}")
             row[tag] = value if isinstance(value, str) and value else None
-        # A run's experiment is its MLflow experiment; the tag only says the same.
-        row["experiment"] = experiment_names.get(r["experiment_id"], row["experiment"])
+        # A run's home is its MLflow experiment; the tag only says the same.
+        home = experiment_names.get(r["experiment_id"], row["experiment"] or r["experiment_id"])
         row["sweep_id"] = row["sweep_id"] or NO_SWEEP
-        row["scheduler"] = row["scheduler"] or "unknown"
         row["stopped_by"] = row["stopped_by"] or ("running" if r["status"] == "RUNNING" else "unknown")
         row.update(_typed_params({k[len("params."):]: v for k, v in r.items()
                                   if k.startswith("params.") and isinstance(v, str)}))
         for key in tracking.BEST_METRICS:
             row[key] = r.get(f"metrics.{key}", float("nan"))
-        rows.append(row)
+        # Runs from before the tag: the limit, when one was set, is the training set's size.
+        row["train_images"] = float(row["train_images"]) if row["train_images"] else (
+            float(row["limit"]) if row["limit"] else math.nan)
+        row["smoke"] = row["smoke"] == "true"
+        parts = row.pop("parts").split(",") if row["parts"] else [home]
+        schedulers = (row["scheduler"] or "unknown").split(",")
+        for i, part in enumerate(parts):
+            rows.append({**row, "experiment": part, "home": home, "shared": len(parts) > 1,
+                         "scheduler": schedulers[i] if len(schedulers) == len(parts) else schedulers[0]})
     runs = pd.DataFrame(rows)
     runs["config_key"] = runs["config_key"].fillna(runs["run_id"])
     return runs.sort_values(["experiment", "start_time", "run_id"]).reset_index(drop=True)
@@ -184,7 +202,7 @@ def fetch_history(client, runs: pd.DataFrame, keys=HISTORY_KEYS) -> pd.DataFrame
     from mlflow.store.tracking.rest_store import RestStore
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
-    run_ids = list(runs["run_id"])
+    run_ids = list(dict.fromkeys(runs["run_id"]))
     store = getattr(getattr(client, "_tracking_client", None), "store", None)
     points = None
     if isinstance(store, SqlAlchemyStore):

@@ -1,153 +1,38 @@
 """The report: REPORT.md and REPORT.html, one PNG per figure and one CSV per table, from a fetched Study.
 
-Every number comes from the runs. Sections whose experiment is missing say so
-and are skipped; comparisons in sections 5-7 form one family for the Holm correction.
+Every number comes from the runs. The sections follow the catalogue: each experiment declares
+how it is read (a rate grid, a layer ablation, block orders against a reference, a search), and
+gets the section of its kind, numbered in catalogue order; the comparisons of the ablation and
+order sections form one family for the Holm correction.
 """
 
-import base64
-import html
 import math
-import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from analysis import figures, tables
+from analysis import claims, figures, tables
+from analysis.document import Document, anchor
 from analysis.fetch import Study
 from analysis.figures import Line, Panel
 from analysis.tables import ALPHA, CONFIDENCE, Comparison
-from tune.catalogue import CNN_FULL
+from tune import catalogue
 from tune.config import TrialConfig, UserError
 
 MARKER = ".analysis-report"
 MODEL_NAMES = {"mlp": "MLP", "cnn": "CNN"}
+LAYER_NAMES = {"bn": ("BN", "BatchNorm"), "dropout": ("dropout", "Dropout"), "relu": ("ReLU", "ReLU"),
+               "pool": ("pooling", "MaxPool")}
 # (scale, decimals) per kind of metric: accuracies are shown in percent.
 KINDS = {"loss": (1, 4), "acc": (100, 2), "epoch": (1, 1)}
 LOSS_AND_ACC = (("loss", "loss", "cross-entropy", 1), ("accuracy", "acc", "accuracy (%)", 100))
 FOUR_PANELS = (("train loss", "train_loss", "cross-entropy", 1), ("validation loss", "val_loss", "cross-entropy", 1),
                ("train accuracy", "train_acc", "accuracy (%)", 100), ("validation accuracy", "val_acc", "accuracy (%)", 100))
-
-
-# --- the document --------------------------------------------------------------------------
-
-
-class Report:
-    """Blocks of a document, written as Markdown and as HTML; tables also go to CSV, figures to PNG."""
-
-    def __init__(self, out: Path):
-        self.out = out
-        self.blocks: list[tuple] = []
-
-    def heading(self, level: int, text: str) -> None:
-        self.blocks.append(("heading", level, text))
-
-    def text(self, text: str) -> None:
-        self.blocks.append(("text", text))
-
-    def note(self, text: str) -> None:
-        self.blocks.append(("text", f"_{text}_"))
-
-    def bullets(self, items: list[str]) -> None:
-        if items:
-            self.blocks.append(("bullets", items))
-
-    def code(self, text: str, summary: str | None = None) -> None:
-        self.blocks.append(("code", text, summary))
-
-    def table(self, name: str, shown: pd.DataFrame, data: pd.DataFrame | None = None, caption: str = "") -> None:
-        """`shown` goes in the document; `data` (raw numbers, default `shown`) to tables/<name>.csv."""
-        path = self.out / "tables" / f"{name}.csv"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        (shown if data is None else data).to_csv(path, index=False)
-        self.blocks.append(("table", shown, caption, f"tables/{name}.csv"))
-
-    def figure_path(self, name: str) -> Path:
-        return self.out / "figures" / f"{name}.png"
-
-    def figure(self, path: Path, caption: str) -> None:
-        self.blocks.append(("figure", path.relative_to(self.out).as_posix(), caption))
-
-    def markdown(self) -> str:
-        out = []
-        for kind, *rest in self.blocks:
-            if kind == "heading":
-                out.append("#" * rest[0] + " " + rest[1])
-            elif kind == "text":
-                out.append(rest[0])
-            elif kind == "bullets":
-                out.append("\n".join(f"- {item}" for item in rest[0]))
-            elif kind == "code":
-                block = "```\n" + rest[0].rstrip() + "\n```"
-                out.append(f"<details><summary>{rest[1]}</summary>\n\n{block}\n\n</details>" if rest[1] else block)
-            elif kind == "table":
-                shown, caption, csv = rest
-                head = f"{caption} " if caption else ""
-                out.append(f"{head}([CSV]({csv}))\n\n" + markdown_table(shown))
-            elif kind == "figure":
-                out.append(f"![{rest[1]}]({rest[0]})\n\n_{rest[1]}_")
-        return "\n\n".join(out) + "\n"
-
-    def html(self) -> str:
-        body = []
-        for kind, *rest in self.blocks:
-            if kind == "heading":
-                body.append(f'<h{rest[0]} id="{anchor(rest[1])}">{inline(rest[1])}</h{rest[0]}>')
-            elif kind == "text":
-                body.append(f"<p>{inline(rest[0])}</p>")
-            elif kind == "bullets":
-                body.append("<ul>" + "".join(f"<li>{inline(i)}</li>" for i in rest[0]) + "</ul>")
-            elif kind == "code":
-                pre = f"<pre>{html.escape(rest[0].rstrip())}</pre>"
-                body.append(f"<details><summary>{html.escape(rest[1])}</summary>{pre}</details>" if rest[1] else pre)
-            elif kind == "table":
-                shown, caption, csv = rest
-                head = "".join(f"<th>{html.escape(str(c))}</th>" for c in shown.columns)
-                cells = "".join("<tr>" + "".join(f"<td>{inline(str(v))}</td>" for v in row) + "</tr>"
-                                for row in shown.itertuples(index=False))
-                body.append(f'<p>{inline(caption)} (<a href="{csv}">CSV</a>)</p><table><tr>{head}</tr>{cells}</table>')
-            elif kind == "figure":
-                data = base64.b64encode((self.out / rest[0]).read_bytes()).decode()
-                body.append(f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(rest[1])}">'
-                            f"<figcaption>{inline(rest[1])}</figcaption></figure>")
-        style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;line-height:1.45}"
-                 "table{border-collapse:collapse;margin:.5em 0 1.2em}td,th{border:1px solid #ccc;padding:3px 8px;"
-                 "font-size:13px;text-align:left}th{background:#f3f3f3}img{max-width:100%}pre{background:#f6f6f6;"
-                 "padding:8px;font-size:12px;overflow-x:auto}figcaption{font-style:italic;font-size:13px}")
-        return (f"<!doctype html><html><head><meta charset='utf-8'><title>Study report</title><style>{style}</style>"
-                f"</head><body>{''.join(body)}</body></html>\n")
-
-
-def markdown_table(df: pd.DataFrame) -> str:
-    def cell(v):
-        return str(v).replace("|", "\\|").replace("\n", " ")
-
-    lines = ["| " + " | ".join(cell(c) for c in df.columns) + " |", "|" + "---|" * len(df.columns)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
-    return "\n".join(lines)
-
-
-def anchor(title: str) -> str:
-    """GitHub's heading anchor, so the table of contents links work in both renderings."""
-    return re.sub(r"\s", "-", re.sub(r"[^\w\s-]", "", title.lower()).strip())
-
-
-def inline(text: str) -> str:
-    """Markdown's `code`, **bold**, _italic_ and [link](url) as HTML; everything else escaped."""
-    parts = re.split(r"(`[^`]*`)", text)
-    out = []
-    for part in parts:
-        if part.startswith("`") and part.endswith("`") and len(part) > 1:
-            out.append(f"<code>{html.escape(part[1:-1])}</code>")
-            continue
-        s = html.escape(part)
-        s = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", s)
-        s = re.sub(r"(?<!\w)_(.+?)_(?!\w)", r"<em>\1</em>", s)
-        s = re.sub(r"\[([^\]]+)\]\(([^)]+)\)", r'<a href="\2">\1</a>', s)
-        out.append(s)
-    return "".join(out)
+HOLM_FAMILY = "the ablation and block-order sections"
 
 
 # --- numbers as text ---------------------------------------------------------------------
@@ -219,36 +104,23 @@ def csv_of(table: pd.DataFrame, by: list[str], metrics) -> pd.DataFrame:
 @dataclass
 class Context:
     study: Study
-    report: Report
+    report: Document
     runs: pd.DataFrame
-    """usable selected runs, with tables.summarize_runs' columns"""
+    """usable selected runs, with tables.summarize_runs' columns; a shared run has a row per experiment"""
     history: pd.DataFrame
     every_run: pd.DataFrame
     """every selected run, usable or not"""
     comparisons: list[Comparison] = field(default_factory=list)
     sweeps: dict = field(default_factory=dict)
+    """single-axis rate grids that have runs: experiment -> their table, best row, best epoch, figure"""
 
     def of(self, experiment: str) -> pd.DataFrame:
         return self.runs[self.runs["experiment"] == experiment]
 
-    def missing(self, experiment: str) -> bool:
-        """Whether `experiment` has no runs here; if so the report says so and how to make them."""
-        if len(self.of(experiment)):
-            return False
-        if experiment not in self.study.experiments:
-            why = "is not among the experiments asked for (`--experiment`)"
-        elif not (self.study.all_runs["experiment"] == experiment).any():
-            why = f"has no runs in this store; run it with `python -m tune sweep {experiment}`"
-        elif not (self.every_run["experiment"] == experiment).any():
-            why = "has no runs in the selected sweep (see the run inventory for its sweeps)"
-        else:
-            why = "has no usable runs: each one diverged or finished no epoch"
-        self.report.note(f"Skipped: experiment `{experiment}` {why}.")
-        return True
-
     def line(self, label: str, run_ids, metric: str, color, style: str = "-") -> Line:
         """The mean curve of `metric` over `run_ids`, with the last points of the seeds the scheduler stopped."""
-        ends = tables.run_ends(self.history, self.runs[self.runs["run_id"].isin(run_ids)], metric)
+        ends = tables.run_ends(self.history, self.runs[self.runs["run_id"].isin(run_ids)].drop_duplicates("run_id"),
+                               metric)
         return Line(label, tables.curve(self.history, run_ids, metric), color, style, ends)
 
     def lines(self, table: pd.DataFrame, metric: str, colors) -> list[Line]:
@@ -273,27 +145,40 @@ def sentence(c: Comparison, tested: int) -> str:
         return head + f"; p undefined: every seed on both sides gave the same value ({c.a.n} vs {c.b.n} seeds)."
     verdict = "survives" if c.survives else "does not survive"
     return (head + f", p = {p_text(c.p)} (Welch t-test, {c.a.n} vs {c.b.n} seeds); Holm-adjusted over the {tested} "
-            f"tested comparisons of sections 5–7, p = {p_text(c.p_holm)}: {verdict} at α = {ALPHA}.")
+            f"tested comparisons of {HOLM_FAMILY}, p = {p_text(c.p_holm)}: {verdict} at α = {ALPHA}.")
 
 
-def plan_comparisons(ctx: Context) -> None:
-    """Sections 5-7's comparisons on test accuracy, made up front so the Holm correction sees all of them."""
-    for section, exp, token, short in (("5", "bn-ablation", "bn", "BN"), ("6", "dropout-ablation", "dropout", "dropout")):
-        runs = ctx.of(exp)
-        for model in sorted(runs["model"].unique()) if len(runs) else []:
-            m = runs[runs["model"] == model]
-            has = tables.with_layer(m, token)
-            if has.any() and (~has).any():
-                ctx.comparisons.append(tables.compare(section, f"{short} vs no-{short} on the {MODEL_NAMES[model]}",
-                                                      "test_acc", m.loc[has, "test_acc"], m.loc[~has, "test_acc"]))
-    for exp in ("order", "order-all"):
-        runs = ctx.of(exp)
-        if runs.empty or CNN_FULL not in set(runs["order"]):
-            continue
-        ref = runs[runs["order"] == CNN_FULL]["test_acc"]
-        for order in sorted(set(runs["order"]) - {CNN_FULL}):
-            ctx.comparisons.append(tables.compare("7", f"order {order} vs {CNN_FULL} ({exp})", "test_acc",
-                                                  runs[runs["order"] == order]["test_acc"], ref))
+def ablation_comparisons(exp: catalogue.Experiment, runs: pd.DataFrame) -> list[Comparison]:
+    """With against without the experiment's layer, per model, on test accuracy."""
+    short = LAYER_NAMES[exp.layer][0]
+    out = []
+    for model in sorted(runs["model"].unique()) if len(runs) else []:
+        m = runs[runs["model"] == model]
+        has = tables.with_layer(m, exp.layer)
+        if has.any() and (~has).any():
+            out.append(tables.compare(exp.name, f"{short} vs no-{short} on the {MODEL_NAMES[model]}", "test_acc",
+                                      m.loc[has, "test_acc"], m.loc[~has, "test_acc"]))
+    return out
+
+
+def order_comparisons(exp: catalogue.Experiment, runs: pd.DataFrame) -> list[Comparison]:
+    """Every order against the experiment's reference order, on test accuracy."""
+    if runs.empty or exp.reference not in set(runs["order"]):
+        return []
+    ref = runs[runs["order"] == exp.reference]["test_acc"]
+    return [tables.compare(exp.name, f"order {order} vs {exp.reference} ({exp.name})", "test_acc",
+                           runs[runs["order"] == order]["test_acc"], ref)
+            for order in sorted(set(runs["order"]) - {exp.reference})]
+
+
+COMPARISONS = {"ablation": ablation_comparisons, "orders": order_comparisons}
+
+
+def plan_comparisons(ctx: Context, experiments: list[catalogue.Experiment]) -> None:
+    """Every comparison on test accuracy, made up front so the Holm correction sees the whole family."""
+    for exp in experiments:
+        if exp.analysis in COMPARISONS:
+            ctx.comparisons += COMPARISONS[exp.analysis](exp, ctx.of(exp.name))
     tables.adjust(ctx.comparisons)
 
 
@@ -301,31 +186,69 @@ def tested(ctx: Context) -> int:
     return sum(np.isfinite(c.p) for c in ctx.comparisons)
 
 
+def is_smoke(runs: pd.DataFrame) -> bool:
+    """Runs of `--smoke`, or no bigger than it: they show the pipeline works, nothing more."""
+    small = (runs["epochs"] <= catalogue.SMOKE["epochs"]) | ((runs["limit"] > 0) & (runs["limit"] <= catalogue.SMOKE["limit"]))
+    return bool(runs["smoke"].any() or small.any())
+
+
+# --- the sections ------------------------------------------------------------------------
+
+
 def section_setup(ctx: Context) -> None:
     r = ctx.report
-    r.heading(2, "0. Setup")
     r.text("The settings the runs actually used, read from their MLflow params (where they differ, each value is "
            "listed with the experiments that used it). Optimizer Adam on cross-entropy; the split takes the "
            "validation images from the end of the (fixed-seed shuffled) training set.")
-    r.table("s0_setup", tables.setup_table(ctx.every_run), caption="Defaults and hyperparameters.")
+    r.table("setup", tables.setup_table(ctx.every_run), caption="Defaults and hyperparameters.")
+    shared = ctx.every_run[ctx.every_run["shared"]].drop_duplicates("run_id")
+    if len(shared):
+        r.text("Shared trials: a configuration that several experiments need ran once and every section reads the same "
+               "run. " + "; ".join(f"{row.model} dropout {row.dropout:g} order {row.order} seed {row.seed}: run "
+                                   f"`{row.run_id[:8]}` in `{row.home}`, read by "
+                                   + ", ".join(f"`{e}`" for e in ctx.every_run[ctx.every_run['run_id'] == row.run_id]
+                                               ["experiment"]) for row in shared.itertuples()) + ".")
 
 
-def section_sweep(ctx: Context, number_: int, model: str) -> None:
-    r, exp, name = ctx.report, f"dropout-{model}", MODEL_NAMES[model]
-    r.heading(2, f"{number_}. {name} dropout sweep")
-    if ctx.missing(exp):
-        return
-    runs = ctx.of(exp)
-    table = tables.config_table(runs, ["dropout"])
-    shown = pd.DataFrame({"dropout": table["label"], **stat_columns(table, MIN_VAL, BEST_EPOCH, VAL_ACC),
-                          **stop_columns(table)})
-    r.table(f"s{number_}_{model}_sweep", shown, csv_of(table, ["dropout"], tables.RUN_METRICS),
-            caption=f"Validation loss (minimum over epochs) per dropout rate, `{exp}`. {seeds_note(table)}")
+def section_claims(ctx: Context, smoke: bool) -> None:
+    r = ctx.report
+    r.text("What the original study found, against what these runs show. The study ran each configuration once, for "
+           f"{claims.STUDY_EPOCHS} epochs on {claims.STUDY_TRAIN_IMAGES:,} training images (batch 100, Adam at lr 1e-3, "
+           "hidden 1024, test metrics at the best-validation epoch). Only runs that ran their whole budget count here: "
+           "a trial the scheduler cut is not a final result. `ours` gives mean [95% CI] where a configuration has "
+           "several seeds; `budget` is what the finding was measured at.")
+    found = claims.judge(ctx.runs, smoke)
+    shown = found.drop(columns="rule")
+    r.table("claims", shown, found, caption="The study's claims, judged.")
+    counts = found["verdict"].value_counts()
+    r.text("Verdicts: " + ", ".join(f"{counts.get(v, 0)} {v}" for v in claims.VERDICTS) + ". Each verdict follows the "
+           "rule of its claim's kind:")
+    r.bullets([f"**{kind}** ({', '.join(found[found['rule'] == kind]['claim'].unique())}): {text}"
+               for kind, text in claims.RULES.items() if (found["rule"] == kind).any()])
+
+
+def section_rates(ctx: Context, exp: catalogue.Experiment) -> None:
+    """A grid over dropout rates (and maybe other axes): validation loss per configuration."""
+    r, runs = ctx.report, ctx.of(exp.name)
+    axes = [a for a in exp.grid if a != "dropout"] + ["dropout"]
+    table = tables.config_table(runs, axes)
+    models = sorted(runs["model"].unique())
+    name = " and ".join(MODEL_NAMES[m] for m in models)
+    shown = pd.DataFrame({**{a: table[a] for a in axes[:-1]}, "dropout": table["dropout"].map(lambda v: f"{v:g}"),
+                          **stat_columns(table, MIN_VAL, BEST_EPOCH, VAL_ACC, TEST_ACC), **stop_columns(table)})
+    r.table(f"{exp.name}", shown, csv_of(table, axes, tables.RUN_METRICS),
+            caption=f"Validation loss (minimum over epochs) per configuration, `{exp.name}`. {seeds_note(table)}")
     best = tables.best_row(table)
     mark = tables.min_epoch(ctx.history, best["run_ids"])
-    r.text(f"Best dropout rate by minimum validation loss: **{best['label']}** (validation loss "
+    r.text(f"Best configuration by minimum validation loss: **{best['label']}** (validation loss "
            f"{cell(best, 'min_val_loss', 'loss')} at epoch {cell(best, 'min_val_epoch', 'epoch')}).")
-    path = figures.curves(r.figure_path(f"s{number_}_{model}_val_loss"), f"{name}: validation loss per dropout rate",
+    if len(axes) > 1:
+        series = {", ".join(map(str, key)): rate_series(g, "test_acc") for key, g in table.groupby(axes[:-1])}
+        path = figures.against_rate(r.figure_path(f"{exp.name}_test_acc"), f"{name}: {exp.description}",
+                                    "test accuracy (%)", series, scale=100)
+        r.figure(path, f"{name} test accuracy against the dropout rate, one line per {', '.join(axes[:-1])}.")
+        return
+    path = figures.curves(r.figure_path(f"{exp.name}_val_loss"), f"{name}: validation loss per dropout rate",
                           [Panel("validation loss", "cross-entropy", ctx.lines(table, "val_loss",
                                                                                figures.ordered_colors(len(table))))],
                           legend_title="dropout")
@@ -334,93 +257,31 @@ def section_sweep(ctx: Context, number_: int, model: str) -> None:
     panels = [Panel(title, ylabel, [ctx.line(label, best["run_ids"], f"{key}_{suffix}", color, style)
                                     for label, key, style, color in train_val], scale, mark_epoch=mark)
               for title, suffix, ylabel, scale in LOSS_AND_ACC]
-    path = figures.curves(r.figure_path(f"s{number_}_{model}_best_curves"),
-                          f"{name}, dropout {best['label']}: train and validation", panels)
+    path = figures.curves(r.figure_path(f"{exp.name}_best_curves"), f"{name}, dropout {best['label']}: train and validation",
+                          panels)
     r.figure(path, f"{name} at its best dropout rate ({best['label']}): train and validation loss and accuracy; the "
                    f"dotted line is the epoch of minimum validation loss ({mark}).")
-    ctx.sweeps[model] = {"table": table, "best": best, "mark": mark, "figure": path}
+    if len(models) == 1:
+        ctx.sweeps[exp.name] = {"model": models[0], "table": table, "best": best, "mark": mark, "figure": path}
 
 
-def section_train_val(ctx: Context) -> None:
-    r = ctx.report
-    r.heading(2, "3. Train vs validation")
-    if not ctx.sweeps:
-        r.note("Skipped: neither dropout sweep has runs.")
-        return
-    rows, notes = [], []
-    for model, s in ctx.sweeps.items():
-        ids, mark, name = s["best"]["run_ids"], s["mark"], MODEL_NAMES[model]
-        train, val = tables.curve(ctx.history, ids, "train_loss"), tables.curve(ctx.history, ids, "val_loss")
-        at = lambda c, e: float(c.loc[c["epoch"] == e, "mean"].iloc[0]) if (c["epoch"] == e).any() else math.nan
-        last = int(val["epoch"].max())
-        rows.append({"model": name, "dropout": s["best"]["label"], "epoch of min val loss": mark, "last epoch": last,
-                     "train loss there": number(at(train, mark), "loss"), "val loss there": number(at(val, mark), "loss"),
-                     "train loss at the last epoch": number(at(train, last), "loss"),
-                     "val loss at the last epoch": number(at(val, last), "loss")})
-        r.figure(s["figure"], f"{name} at dropout {s['best']['label']}: the dotted line marks epoch {mark}, the minimum "
-                              f"of the validation loss, where early stopping would stop.")
-        if mark == last:
-            notes.append(f"{name}: the validation loss is lowest at the last epoch run ({last}); early stopping would "
-                         f"not have stopped it.")
-        else:
-            notes.append(f"{name}: from epoch {mark} to {last} the validation loss changed by "
-                         f"{at(val, last) - at(val, mark):+.4f} while the training loss changed by "
-                         f"{at(train, last) - at(train, mark):+.4f}; early stopping would have saved {last - mark} epochs.")
-    r.table("s3_train_vs_val", pd.DataFrame(rows), caption="The best configuration of each model (mean curves over its seeds).")
-    r.bullets(notes)
-
-
-def section_test(ctx: Context) -> None:
-    r = ctx.report
-    r.heading(2, "4. Test results")
-    if not ctx.sweeps:
-        r.note("Skipped: neither dropout sweep has runs.")
-        return
-    rows, summary, statements = [], [], []
-    for model, s in ctx.sweeps.items():
-        table, best = s["table"], s["best"]
-        for _, row in table.iterrows():
-            rows.append({"model": MODEL_NAMES[model], "dropout": row["label"],
-                         **{h: cell(row, m, k) for h, m, k in (BEST_EPOCH, TEST_LOSS, TEST_ACC)},
-                         "selected on validation": "yes" if row.name == best.name else "",
-                         "stopped": row["stopped"], "seeds": row["seeds"]})
-        summary.append({"Model": f"{MODEL_NAMES[model]} (dropout {best['label']})", "Test loss": cell(best, "test_loss", "loss"),
-                        "Test acc": cell(best, "test_acc", "acc") + " %"})
-        for metric, mode, what in (("test_acc", "max", "test accuracy"), ("test_loss", "min", "test loss")):
-            top = tables.best_row(table, metric, mode)
-            if top.name == best.name or top[f"{metric}_mean"] == best[f"{metric}_mean"]:
-                statements.append(f"{MODEL_NAMES[model]}: the rate best on validation ({best['label']}) is also best on {what}.")
-            else:
-                kind = "acc" if metric == "test_acc" else "loss"
-                statements.append(f"**{MODEL_NAMES[model]}: the rate best on validation ({best['label']}) is not the rate "
-                                  f"best on {what} ({top['label']}: {cell(top, metric, kind)} against "
-                                  f"{cell(best, metric, kind)}).**")
-    r.table("s4_test_all", pd.DataFrame(rows), caption="Test loss and accuracy at each run's best-validation epoch "
-            "(for a trial the scheduler stopped: its best epoch so far).")
-    r.table("s4_test_selected", pd.DataFrame(summary), caption="The validation-selected model of each architecture.")
-    r.bullets(statements)
-
-
-def section_ablation(ctx: Context, section: str, exp: str, token: str, short: str, long: str) -> None:
-    r = ctx.report
-    r.heading(2, f"{section}. {long} ablation")
-    if ctx.missing(exp):
-        return
-    runs = ctx.of(exp)
-    runs = runs.assign(variant=np.where(tables.with_layer(runs, token), f"with {short}", f"without {short}"))
+def section_ablation(ctx: Context, exp: catalogue.Experiment) -> None:
+    r, runs = ctx.report, ctx.of(exp.name)
+    short, long = LAYER_NAMES[exp.layer]
+    runs = runs.assign(variant=np.where(tables.with_layer(runs, exp.layer), f"with {short}", f"without {short}"))
     table = tables.config_table(runs, ["model", "variant"])
     table["label"] = [lab.split(", ", 1)[1] for lab in table["label"]]
+    first = runs.drop_duplicates("config_key").set_index("config_key")
     shown = pd.DataFrame({"model": table["model"].map(MODEL_NAMES), "variant": table["label"],
-                          "order": [runs[runs["config_key"] == k]["order"].iloc[0] for k in table["config_key"]],
-                          "dropout": [runs[runs["config_key"] == k]["dropout"].iloc[0] for k in table["config_key"]],
+                          "order": table["config_key"].map(first["order"]),
+                          "dropout": table["config_key"].map(first["dropout"]),
                           **stat_columns(table, MIN_VAL, BEST_EPOCH, TEST_LOSS, TEST_ACC), **stop_columns(table)})
-    r.table(f"s{section}_{token}_ablation", shown, csv_of(table, ["model", "variant"], tables.RUN_METRICS),
-            caption=f"With against without {long}, `{exp}`. {seeds_note(table)}")
-    r.bullets([sentence(c, tested(ctx)) for c in ctx.comparisons if c.section == section])
+    r.table(f"{exp.name}", shown, csv_of(table, ["model", "variant"], tables.RUN_METRICS),
+            caption=f"With against without {long}, `{exp.name}`; every arm runs its whole budget. {seeds_note(table)}")
+    r.bullets([sentence(c, tested(ctx)) for c in ctx.comparisons if c.section == exp.name])
     for model in sorted(runs["model"].unique()):
         part = table[table["model"] == model]
-        path = figures.curves(r.figure_path(f"s{section}_{model}_{token}_curves"),
-                              f"{MODEL_NAMES[model]}: with and without {short}",
+        path = figures.curves(r.figure_path(f"{exp.name}_{model}_curves"), f"{MODEL_NAMES[model]}: with and without {short}",
                               ctx.four_panels(part, figures.category_colors(len(part))))
         r.figure(path, f"{MODEL_NAMES[model]} with against without {long}: train and validation loss and accuracy.")
 
@@ -433,37 +294,102 @@ def module_text(row: pd.Series) -> str:
                            hidden=cfg.hidden, channels=cfg.conv_channels, kernels=cfg.conv_kernels))
 
 
-def section_order(ctx: Context) -> None:
+def section_orders(ctx: Context, exp: catalogue.Experiment) -> None:
+    r, runs = ctx.report, ctx.of(exp.name)
+    table = tables.config_table(runs, ["order"]).sort_values("test_acc_mean", ascending=False, kind="stable")
+    comparisons = {c.name: c for c in ctx.comparisons if c.section == exp.name}
+    diff, p = [], []
+    for order in table["order"]:
+        c = comparisons.get(f"order {order} vs {exp.reference} ({exp.name})")
+        diff.append("reference" if order == exp.reference else (f"{c.diff * 100:+.1f}" if c else "–"))
+        p.append(p_text(c.p) if c else "–")
+    shown = pd.DataFrame({"order": table["label"], **stat_columns(table, TEST_ACC),
+                          f"Δ test acc vs {exp.reference} (points)": diff, "p (Welch)": p,
+                          **stat_columns(table, TEST_LOSS, MIN_VAL, BEST_EPOCH), **stop_columns(table)})
+    r.table(f"{exp.name}", shown, csv_of(table, ["order"], tables.RUN_METRICS),
+            caption=f"Block orders of `{exp.name}`, best test accuracy first. {seeds_note(table)}")
+    r.bullets([sentence(c, tested(ctx)) for c in comparisons.values()])
+    colors = figures.category_colors(len(table))
+    path = figures.curves(r.figure_path(f"{exp.name}_curves"), f"Block orders ({exp.name})",
+                          ctx.four_panels(table, colors), legend_title="order")
+    r.figure(path, f"Train and validation curves for each block order of `{exp.name}`.")
+    for _, row in table.iterrows():
+        first = runs[runs["config_key"] == row["config_key"]].iloc[0]
+        summary = f"order {row['label']}: module structure" if len(table) > 6 else None
+        if summary is None:
+            r.text(f"Order `{row['label']}` (test accuracy {cell(row, 'test_acc', 'acc')} %):")
+        r.code(module_text(first), summary)
+
+
+def section_search(ctx: Context, exp: catalogue.Experiment) -> None:
+    r, runs = ctx.report, ctx.of(exp.name)
+    top = runs.sort_values("min_val_loss").head(10)
+    shown = pd.DataFrame({"dropout": top["dropout"].map(lambda v: f"{v:.3f}"), "lr": top["lr"].map(lambda v: f"{v:.2e}"),
+                          "order": top["order"], "min val loss": top["min_val_loss"].map(lambda v: number(v, "loss")),
+                          "epoch of min": top["min_val_epoch"].map(lambda v: number(v, "epoch")),
+                          "test acc (%)": top["test_acc"].map(lambda v: number(v, "acc")),
+                          "stopped": [tables.stop_summary(top.iloc[[i]]) for i in range(len(top))]})
+    r.table(f"{exp.name}", shown, top.drop(columns=["start_time", "end_time"]),
+            caption=f"`{exp.name}`: the {len(top)} best of {len(runs)} trials by minimum validation loss.")
+
+
+EXPERIMENT_SECTIONS: dict[str, Callable[[Context, catalogue.Experiment], None]] = {
+    "rates": section_rates, "ablation": section_ablation, "orders": section_orders, "search": section_search}
+
+
+def experiment_title(exp: catalogue.Experiment) -> str:
+    return f"{exp.description[0].upper()}{exp.description[1:]} (`{exp.name}`)"
+
+
+def section_train_val(ctx: Context) -> None:
     r = ctx.report
-    r.heading(2, "7. Block order")
-    for exp in ("order", "order-all"):
-        r.heading(3, f"`{exp}`")
-        if ctx.missing(exp):
-            continue
-        runs = ctx.of(exp)
-        table = tables.config_table(runs, ["order"]).sort_values("test_acc_mean", ascending=False, kind="stable")
-        comparisons = {c.name: c for c in ctx.comparisons if c.section == "7" and c.name.endswith(f"({exp})")}
-        diff, p = [], []
-        for order in table["order"]:
-            c = comparisons.get(f"order {order} vs {CNN_FULL} ({exp})")
-            diff.append("reference" if order == CNN_FULL else (f"{c.diff * 100:+.1f}" if c else "–"))
-            p.append(p_text(c.p) if c else "–")
-        shown = pd.DataFrame({"order": table["label"], **stat_columns(table, TEST_ACC),
-                              f"Δ test acc vs {CNN_FULL} (points)": diff, "p (Welch)": p,
-                              **stat_columns(table, TEST_LOSS, MIN_VAL, BEST_EPOCH), **stop_columns(table)})
-        r.table(f"s7_{exp}", shown, csv_of(table, ["order"], tables.RUN_METRICS),
-                caption=f"CNN block orders, best test accuracy first. {seeds_note(table)}")
-        r.bullets([sentence(c, tested(ctx)) for c in comparisons.values()])
-        colors = figures.category_colors(len(table))
-        path = figures.curves(r.figure_path(f"s7_{exp}_curves"), f"CNN block orders ({exp})",
-                              ctx.four_panels(table, colors), legend_title="order")
-        r.figure(path, f"CNN train and validation curves for each block order of `{exp}`.")
+    rows, notes = [], []
+    for s in ctx.sweeps.values():
+        ids, mark, name = s["best"]["run_ids"], s["mark"], MODEL_NAMES[s["model"]]
+        train, val = tables.curve(ctx.history, ids, "train_loss"), tables.curve(ctx.history, ids, "val_loss")
+        at = lambda c, e: float(c.loc[c["epoch"] == e, "mean"].iloc[0]) if (c["epoch"] == e).any() else math.nan
+        last = int(val["epoch"].max())
+        rows.append({"model": name, "dropout": s["best"]["label"], "epoch of min val loss": mark, "last epoch": last,
+                     "train loss there": number(at(train, mark), "loss"), "val loss there": number(at(val, mark), "loss"),
+                     "train loss at the last epoch": number(at(train, last), "loss"),
+                     "val loss at the last epoch": number(at(val, last), "loss")})
+        if mark == last:
+            notes.append(f"{name}: the validation loss is lowest at the last epoch run ({last}); early stopping would "
+                         f"not have stopped it.")
+        else:
+            notes.append(f"{name}: from epoch {mark} to {last} the validation loss changed by "
+                         f"{at(val, last) - at(val, mark):+.4f} while the training loss changed by "
+                         f"{at(train, last) - at(train, mark):+.4f}; early stopping would have saved {last - mark} epochs.")
+    r.table("train_vs_val", pd.DataFrame(rows), caption="The best configuration of each dropout grid (mean curves over "
+            "its seeds; its figure, with the epoch of minimum validation loss dotted, is in the grid's section).")
+    r.bullets(notes)
+
+
+def section_test(ctx: Context) -> None:
+    r = ctx.report
+    rows, summary, statements = [], [], []
+    for s in ctx.sweeps.values():
+        table, best, name = s["table"], s["best"], MODEL_NAMES[s["model"]]
         for _, row in table.iterrows():
-            first = runs[runs["config_key"] == row["config_key"]].iloc[0]
-            summary = f"order {row['label']}: module structure" if len(table) > 6 else None
-            if summary is None:
-                r.text(f"Order `{row['label']}` (test accuracy {cell(row, 'test_acc', 'acc')} %):")
-            r.code(module_text(first), summary)
+            rows.append({"model": name, "dropout": row["label"],
+                         **{h: cell(row, m, k) for h, m, k in (BEST_EPOCH, TEST_LOSS, TEST_ACC)},
+                         "selected on validation": "yes" if row.name == best.name else "",
+                         "stopped": row["stopped"], "seeds": row["seeds"]})
+        summary.append({"Model": f"{name} (dropout {best['label']})", "Test loss": cell(best, "test_loss", "loss"),
+                        "Test acc": cell(best, "test_acc", "acc") + " %"})
+        for metric, mode, what in (("test_acc", "max", "test accuracy"), ("test_loss", "min", "test loss")):
+            top = tables.best_row(table, metric, mode)
+            if top.name == best.name or top[f"{metric}_mean"] == best[f"{metric}_mean"]:
+                statements.append(f"{name}: the rate best on validation ({best['label']}) is also best on {what}.")
+            else:
+                kind = "acc" if metric == "test_acc" else "loss"
+                statements.append(f"**{name}: the rate best on validation ({best['label']}) is not the rate "
+                                  f"best on {what} ({top['label']}: {cell(top, metric, kind)} against "
+                                  f"{cell(best, metric, kind)}).**")
+    r.table("test_all", pd.DataFrame(rows), caption="Test loss and accuracy at each run's best-validation epoch "
+            "(for a trial the scheduler stopped: its best epoch so far).")
+    r.table("test_selected", pd.DataFrame(summary), caption="The validation-selected model of each dropout grid.")
+    r.bullets(statements)
 
 
 def rate_series(table: pd.DataFrame, metric: str) -> pd.DataFrame:
@@ -472,109 +398,94 @@ def rate_series(table: pd.DataFrame, metric: str) -> pd.DataFrame:
                          "stopped": table["stopped"].str.contains("scheduler")})
 
 
-def section_rates(ctx: Context) -> None:
+def section_rate_effects(ctx: Context) -> None:
     r = ctx.report
-    r.heading(2, "8. Dropout-rate analysis")
-    if not ctx.sweeps:
-        r.note("Skipped: neither dropout sweep has runs.")
-    for model, s in ctx.sweeps.items():
-        table = s["table"]
+    for exp, s in ctx.sweeps.items():
+        table, name = s["table"], MODEL_NAMES[s["model"]]
         colors = figures.ordered_colors(len(table))
         panels = [Panel("train loss", "cross-entropy", ctx.lines(table, "train_loss", colors)),
                   Panel("train accuracy", "accuracy (%)", ctx.lines(table, "train_acc", colors), 100)]
-        path = figures.curves(r.figure_path(f"s8_{model}_train_per_rate"), f"{MODEL_NAMES[model]}: training per dropout rate",
+        path = figures.curves(r.figure_path(f"{exp}_train_per_rate"), f"{name}: training per dropout rate",
                               panels, legend_title="dropout")
-        r.figure(path, f"{MODEL_NAMES[model]} train loss and accuracy, one line per dropout rate.")
-        runs = ctx.of(f"dropout-{model}")
+        r.figure(path, f"{name} train loss and accuracy, one line per dropout rate.")
+        runs = ctx.of(exp)
         done = runs[(runs["stopped_by"] == "completed") & (runs["epochs_run"] == runs["epochs"])]
         rho, p = tables.spearman(done["dropout"], done["final_train_loss"])
         if np.isfinite(rho):
             verdict = "supports" if rho > 0 and p < ALPHA else "does not support"
-            r.text(f"{MODEL_NAMES[model]}: Spearman ρ between the dropout rate and the final train loss is {rho:.2f} "
+            r.text(f"{name}: Spearman ρ between the dropout rate and the final train loss is {rho:.2f} "
                    f"(p = {p_text(p)}, {len(done)} completed runs); this {verdict} slower convergence at higher rates.")
         else:
-            r.text(f"{MODEL_NAMES[model]}: fewer than three rates ran to completion, so no trend is computed.")
-    if ctx.sweeps:
-        series = lambda metric: {MODEL_NAMES[m]: rate_series(s["table"], metric) for m, s in ctx.sweeps.items()}
-        path = figures.against_rate(r.figure_path("s8_best_epoch"), "Best epoch against dropout rate",
-                                    "epoch of minimum validation loss", series("min_val_epoch"), integer_y=True)
-        r.figure(path, "The best epoch (minimum validation loss) against the dropout rate, per model. For a "
-                       "configuration the scheduler stopped (x) it is the best epoch before the stop.")
-        path = figures.against_rate(r.figure_path("s8_test_acc"), "Test accuracy against dropout rate",
-                                    "test accuracy (%)", series("test_acc"), scale=100)
-        r.figure(path, "Test accuracy at the best-validation epoch against the dropout rate, per model.")
-        rows = []
-        for model, s in ctx.sweeps.items():
-            for _, row in s["table"].iterrows():
-                rows.append({"model": MODEL_NAMES[model], "dropout": row["label"],
-                             **{h: cell(row, m, k) for h, m, k in (BEST_EPOCH, TEST_ACC, FINAL_TRAIN)}})
-        r.table("s8_rates", pd.DataFrame(rows), caption="Best epoch and test accuracy per dropout rate.")
-    r.heading(3, "Element against channel dropout")
-    if ctx.missing("dropout-kind"):
-        return
-    table = tables.config_table(ctx.of("dropout-kind"), ["dropout_kind", "dropout"])
-    shown = pd.DataFrame({"kind": table["dropout_kind"], "dropout": table["dropout"],
-                          **stat_columns(table, MIN_VAL, BEST_EPOCH, TEST_ACC), **stop_columns(table)})
-    r.table("s8_dropout_kind", shown, csv_of(table, ["dropout_kind", "dropout"], tables.RUN_METRICS),
-            caption=f"CNN with element (Dropout) and channel (Dropout2d) dropout. {seeds_note(table)}")
-    series = {kind: rate_series(g, "test_acc") for kind, g in table.groupby("dropout_kind")}
-    path = figures.against_rate(r.figure_path("s8_dropout_kind"), "CNN: element against channel dropout",
-                                "test accuracy (%)", series, scale=100)
-    r.figure(path, "CNN test accuracy against the dropout rate, element against channel dropout.")
+            r.text(f"{name}: fewer than three rates ran to completion, so no trend is computed.")
+    series = lambda metric: {MODEL_NAMES[s["model"]]: rate_series(s["table"], metric) for s in ctx.sweeps.values()}
+    path = figures.against_rate(r.figure_path("best_epoch_per_rate"), "Best epoch against dropout rate",
+                                "epoch of minimum validation loss", series("min_val_epoch"), integer_y=True)
+    r.figure(path, "The best epoch (minimum validation loss) against the dropout rate, per model. For a "
+                   "configuration the scheduler stopped (x) it is the best epoch before the stop.")
+    path = figures.against_rate(r.figure_path("test_acc_per_rate"), "Test accuracy against dropout rate",
+                                "test accuracy (%)", series("test_acc"), scale=100)
+    r.figure(path, "Test accuracy at the best-validation epoch against the dropout rate, per model.")
+    rows = [{"model": MODEL_NAMES[s["model"]], "dropout": row["label"],
+             **{h: cell(row, m, k) for h, m, k in (BEST_EPOCH, TEST_ACC, FINAL_TRAIN)}}
+            for s in ctx.sweeps.values() for _, row in s["table"].iterrows()]
+    r.table("rates", pd.DataFrame(rows), caption="Best epoch and test accuracy per dropout rate.")
 
 
 def section_seeds(ctx: Context) -> None:
     r = ctx.report
-    r.heading(2, "9. Seeds")
     per_config = ctx.runs.groupby(["experiment", "config_key"]).size().rename("seeds").reset_index()
     shown = per_config.groupby("experiment").agg(configurations=("config_key", "size"),
                                                  seeds_min=("seeds", "min"), seeds_max=("seeds", "max"),
                                                  runs=("seeds", "sum")).reset_index()
-    r.table("s9_seeds", shown, caption="Seeds per configuration (runs sharing a config_key).")
+    r.table("seeds", shown, caption="Seeds per configuration (runs sharing a config_key).")
     if (per_config["seeds"] < 2).all():
         r.text("**Every configuration ran with one seed: no significance can be claimed.** The differences below are "
                "single runs. Rerun the sweeps with `--seeds 3` (or more) to get spreads, confidence intervals and p-values.")
     else:
         r.text(f"Where a configuration has K ≥ 2 seeds, tables show mean ± std [{CONFIDENCE:.0%} t-interval of the mean] "
                f"and curves a ±1 std band. Comparisons use Welch's t-test; a difference survives when its Holm-adjusted "
-               f"p-value over the {tested(ctx)} tested comparisons of sections 5–7 is below {ALPHA}.")
+               f"p-value over the {tested(ctx)} tested comparisons of {HOLM_FAMILY} is below {ALPHA}.")
     if ctx.comparisons:
-        rows = [{"section": c.section, "comparison": c.name, "difference (points)": f"{c.diff * 100:+.1f}",
+        rows = [{"experiment": c.section, "comparison": c.name, "difference (points)": f"{c.diff * 100:+.1f}",
                  "a (%)": stat_text(c.a, "acc"), "b (%)": stat_text(c.b, "acc"), "seeds": f"{c.a.n} vs {c.b.n}",
                  "p (Welch)": p_text(c.p), "p (Holm)": p_text(c.p_holm),
                  "survives": ("yes" if c.survives else "no") if np.isfinite(c.p_holm) else "not testable"}
                 for c in ctx.comparisons]
-        data = pd.DataFrame([{"section": c.section, "comparison": c.name, "metric": c.metric,
+        data = pd.DataFrame([{"experiment": c.section, "comparison": c.name, "metric": c.metric,
                               **{f"{side}_{k}": v for side, st in (("a", c.a), ("b", c.b)) for k, v in vars(st).items()},
                               "difference": c.diff, "p_welch": c.p, "p_holm": c.p_holm} for c in ctx.comparisons])
-        r.table("s9_comparisons", pd.DataFrame(rows), data, caption="Every comparison of sections 5–7 on test accuracy.")
+        r.table("comparisons", pd.DataFrame(rows), data, caption=f"Every comparison of {HOLM_FAMILY} on test accuracy.")
 
 
 def section_scheduler(ctx: Context) -> None:
     r = ctx.report
-    r.heading(2, "10. Scheduler efficiency")
     ended = ctx.every_run[ctx.every_run["stopped_by"] != "running"]
     if len(ended) < len(ctx.every_run):
         r.note(f"Runs still running, left out of this section: {len(ctx.every_run) - len(ended)}.")
+    r.text("Each experiment ran under its own scheduler, and ASHA ranked a trial only against its own group (the same "
+           "experiment and model). A trial shared with a FIFO experiment counts in its ASHA group's rankings but is "
+           "never stopped.")
     sched = tables.scheduler_table(ended)
     shown = sched.assign(saved=[f"{v:.0%}" if np.isfinite(v) else "–" for v in sched["saved_fraction"]]).drop(
         columns="saved_fraction").rename(columns={"trial_epochs": "trial-epochs run", "full_grid_epochs": "full grid",
                                                   "stopped_by_scheduler": "stopped by scheduler"})
-    r.table("s10_scheduler", shown, sched, caption="Trial-epochs run against a full grid (every trial to its epochs param).")
+    r.table("scheduler", shown, sched, caption="Trial-epochs run against a full grid (every trial to its epochs param).")
     asha = sched[sched["scheduler"] == "asha"]
     if len(asha):
         spent, full = asha["trial_epochs"].sum(), asha["full_grid_epochs"].sum()
-        r.text(f"The ASHA sweeps ran {spent} of {full} trial-epochs: {1 - spent / full:.0%} of the compute of a full grid saved.")
+        r.text(f"The ASHA experiments ran {spent} of {full} trial-epochs: {1 - spent / full:.0%} of the compute of a "
+               f"full grid saved.")
     else:
-        r.text("No sweep in this selection is tagged as run by ASHA (tag `scheduler`); runs without the tag count as unknown.")
+        r.text("No experiment in this selection is tagged as run by ASHA (tag `scheduler`); runs without the tag count "
+               "as unknown.")
     counts = tables.stop_epochs(ended)
-    path = figures.stop_epochs(r.figure_path("s10_stop_epochs"), "Where each trial stopped", counts,
+    path = figures.stop_epochs(r.figure_path("stop_epochs"), "Where each trial stopped", counts,
                                ctx.every_run.groupby("experiment")["epochs"].max().to_dict())
     r.figure(path, "Trials by the last epoch they ran, by why they stopped.")
     pivot = counts.pivot_table(index=["experiment", "last_epoch"], columns="stopped_by", values="trials",
                                aggfunc="sum", fill_value=0).reset_index()
     pivot.columns.name = None
-    r.table("s10_stop_epochs", pivot, caption="Trials per last epoch and stop reason.")
+    r.table("stop_epochs", pivot, caption="Trials per last epoch and stop reason.")
     win = tables.winners(ended, ctx.study.all_runs)
     if win.empty:
         r.text("No FIFO sweep of the same experiments is in the store, so ASHA's winner cannot be checked against the "
@@ -586,7 +497,7 @@ def section_scheduler(ctx: Context) -> None:
                           "ASHA best val loss": win["asha_best_val_loss"].map(loss), "FIFO winner": win["fifo_winner"],
                           "FIFO best val loss": win["fifo_best_val_loss"].map(loss),
                           "same": win["same_winner"].map({True: "yes", False: "no"})})
-    r.table("s10_winners", shown, win, caption="ASHA's winner against the winner of the latest FIFO sweep of the same "
+    r.table("winners", shown, win, caption="ASHA's winner against the winner of the latest FIFO sweep of the same "
             "experiment, by lowest best validation loss over the configurations both ran.")
     r.bullets([f"`{w['experiment']}`: " + ("no configuration in common with the FIFO sweep." if not w["shared_configs"]
               else f"ASHA's winner ({w['asha_winner']}) is also the full-run winner." if w["same_winner"]
@@ -596,79 +507,83 @@ def section_scheduler(ctx: Context) -> None:
 
 def section_inventory(ctx: Context) -> None:
     r, study = ctx.report, ctx.study
-    r.heading(2, "11. Run inventory")
     inv = tables.inventory(ctx.every_run)
     shown = inv.assign(compute=inv["compute_seconds"].map(duration), wall=inv["wall_seconds"].map(duration),
                        started=inv["started"].map(lambda t: t.strftime("%Y-%m-%d %H:%M")),
                        git_commit=inv["git_commit"].map(lambda c: ", ".join(v[:12] + ("-dirty" if v.endswith("-dirty") else "")
                                                                             for v in c.split(", "))))
     shown = shown[["experiment", "sweep_id", "runs", "ended", "compute", "wall", "started", "data", "git_commit", "nodes"]]
-    r.table("s11_inventory", shown, inv, caption="Sweeps in this report: compute is the sum of epoch times (h:mm:ss), "
-            "wall the time from the first run's start to the last run's end.")
-    r.text(f"Total compute: {duration(inv['compute_seconds'].sum())} over {len(ctx.every_run)} runs and "
+    r.table("inventory", shown, inv, caption="Sweeps in this report: compute is the sum of epoch times (h:mm:ss), "
+            "wall the time from the first run's start to the last run's end. A shared run counts in every experiment "
+            "that reads it.")
+    distinct = ctx.every_run.drop_duplicates("run_id")
+    r.text(f"Total compute: {duration(distinct['compute_seconds'].sum())} over {len(distinct)} runs and "
            f"{inv['sweep_id'].nunique()} sweeps. Data: {', '.join(sorted(ctx.every_run['data'].astype(str).unique()))}.")
-    r.table("s11_versions", tables.versions_table(ctx.every_run), caption="Package versions, from the `versions` tag.")
+    r.table("versions", tables.versions_table(distinct), caption="Package versions, from the `versions` tag.")
     shown_sweeps = set(zip(ctx.every_run["experiment"], ctx.every_run["sweep_id"]))
     others = study.all_runs[[pair not in shown_sweeps for pair in zip(study.all_runs["experiment"], study.all_runs["sweep_id"])]]
     if len(others):
         r.text("Other sweeps in the store, not in this report (`--sweep ID` shows one, `--all` pools them): " + ", ".join(
             f"`{s}` ({e}, {len(g)} runs)" for (e, s), g in others.groupby(["experiment", "sweep_id"])) + ".")
-    left_out = ctx.every_run[~ctx.every_run["run_id"].isin(ctx.runs["run_id"])]
+    left_out = distinct[~distinct["run_id"].isin(ctx.runs["run_id"])]
     if len(left_out):
         r.text("Runs left out of the statistics (diverged, or no finished epoch): " + ", ".join(
             f"`{row.run_id[:8]}` ({row.experiment}, {row.stopped_by})" for row in left_out.itertuples()) + ".")
     points = int(ctx.history[list(set(ctx.history.columns) - {"run_id", "epoch"})].notna().sum().sum())
-    r.text(f"Read {len(study.all_runs)} runs and {points} metric points from `{study.uri}` in {study.fetch_seconds:.1f} s.")
+    r.text(f"Read {study.all_runs['run_id'].nunique()} runs and {points} metric points from `{study.uri}` in "
+           f"{study.fetch_seconds:.1f} s.")
 
 
-def section_search(ctx: Context) -> None:
-    present = [e for e in ("search-mlp", "search-cnn") if len(ctx.of(e))]
-    if not present:
-        return
-    r = ctx.report
-    r.heading(2, "12. Searches")
-    for exp in present:
-        top = ctx.of(exp).sort_values("min_val_loss").head(10)
-        shown = pd.DataFrame({"dropout": top["dropout"].map(lambda v: f"{v:.3f}"), "lr": top["lr"].map(lambda v: f"{v:.2e}"),
-                              "order": top["order"], "min val loss": top["min_val_loss"].map(lambda v: number(v, "loss")),
-                              "epoch of min": top["min_val_epoch"].map(lambda v: number(v, "epoch")),
-                              "test acc (%)": top["test_acc"].map(lambda v: number(v, "acc")),
-                              "stopped": [tables.stop_summary(top.iloc[[i]]) for i in range(len(top))]})
-        r.table(f"s12_{exp}", shown, top.drop(columns=["start_time", "end_time"]),
-                caption=f"`{exp}`: the {len(top)} best of {len(ctx.of(exp))} trials by minimum validation loss.")
+def missing_note(ctx: Context, exp: str) -> str:
+    """Why `exp` has no section: it was not asked for, has no runs, or none usable."""
+    if exp not in ctx.study.experiments:
+        return "not among the experiments asked for (`--experiment`)"
+    if not (ctx.study.all_runs["experiment"] == exp).any():
+        return f"no runs in this store; run it with `python -m tune sweep {exp}`"
+    if not (ctx.every_run["experiment"] == exp).any():
+        return "no runs in the selected sweep (see the run inventory for its sweeps)"
+    return "no usable runs: each one diverged or finished no epoch"
 
 
-SECTIONS = ("0. Setup", "1. MLP dropout sweep", "2. CNN dropout sweep", "3. Train vs validation", "4. Test results",
-            "5. BatchNorm ablation", "6. Dropout ablation", "7. Block order", "8. Dropout-rate analysis", "9. Seeds",
-            "10. Scheduler efficiency", "11. Run inventory")
-
-
-def build(study: Study, out: Path) -> Report:
+def build(study: Study, out: Path) -> Document:
     every_run = tables.summarize_runs(study.runs, study.history)
     runs, _ = tables.usable(every_run)
-    ctx = Context(study, Report(out), runs, study.history, every_run)
-    plan_comparisons(ctx)
+    ctx = Context(study, Document(out), runs, study.history, every_run)
+    experiments = [e for e in catalogue.CATALOGUE.values() if e.analysis]
+    present = [e for e in experiments if len(ctx.of(e.name))]
+    plan_comparisons(ctx, present)
+    smoke = is_smoke(every_run)
+    # The sections, in order: each experiment's by its declared kind, then what reads across them.
+    sections: list[tuple[str, Callable[[], None]]] = [
+        ("Setup", lambda: section_setup(ctx)), ("The study's claims", lambda: section_claims(ctx, smoke))]
+    sections += [(experiment_title(e), lambda e=e: EXPERIMENT_SECTIONS[e.analysis](ctx, e)) for e in present]
+    rate_grids = [e for e in present if e.analysis == "rates" and list(e.grid) == ["dropout"]]
+    if rate_grids:
+        sections += [("Train vs validation", lambda: section_train_val(ctx)), ("Test results", lambda: section_test(ctx)),
+                     ("Dropout-rate effects", lambda: section_rate_effects(ctx))]
+    sections += [("Seeds", lambda: section_seeds(ctx)), ("Scheduler efficiency", lambda: section_scheduler(ctx)),
+                 ("Run inventory", lambda: section_inventory(ctx))]
+    titles = [f"{i}. {title}" for i, (title, _) in enumerate(sections)]
+
     r = ctx.report
     r.heading(1, "Study report: BatchNorm and Dropout in small vision models")
+    if smoke:
+        r.warning("**Smoke run: these numbers show that the pipeline works; they are not evidence.** The runs are "
+                  f"`--smoke` sized (at most {catalogue.SMOKE['epochs']} epochs or {catalogue.SMOKE['limit']:,} "
+                  "training images), so every claim below is marked not testable.")
+    distinct = every_run.drop_duplicates("run_id")
     r.text(f"Generated by `python -m analysis report` from the MLflow store `{study.uri}`, showing {study.selection}: "
-           f"{len(every_run)} runs of {every_run['experiment'].nunique()} experiments. Every number and figure below is "
+           f"{len(distinct)} runs of {every_run['experiment'].nunique()} experiments. Every number and figure below is "
            f"computed from those runs. Accuracies are in percent; each run's test metrics are those of its "
            f"best-validation epoch.")
-    searches = "12. Searches" if runs["experiment"].isin(["search-mlp", "search-cnn"]).any() else None
-    r.bullets([f"[{s}](#{anchor(s)})" for s in (*SECTIONS, searches) if s])
-    section_setup(ctx)
-    section_sweep(ctx, 1, "mlp")
-    section_sweep(ctx, 2, "cnn")
-    section_train_val(ctx)
-    section_test(ctx)
-    section_ablation(ctx, "5", "bn-ablation", "bn", "BN", "BatchNorm")
-    section_ablation(ctx, "6", "dropout-ablation", "dropout", "dropout", "Dropout")
-    section_order(ctx)
-    section_rates(ctx)
-    section_seeds(ctx)
-    section_scheduler(ctx)
-    section_inventory(ctx)
-    section_search(ctx)
+    r.bullets([f"[{t}](#{anchor(t)})" for t in titles])
+    absent = [e.name for e in experiments if e not in present]
+    if absent:
+        r.note("Not in this report: " + "; ".join(f"`{e}` ({missing_note(ctx, e)})" for e in absent) + ".")
+    # Rate grids come before the sections that read across them (ctx.sweeps).
+    for title, (_, write_section) in zip(titles, sections):
+        r.heading(2, title)
+        write_section()
     return r
 
 
@@ -693,7 +608,7 @@ def prepare_out(out: Path) -> None:
 
 def write(study: Study, out: Path) -> Path:
     prepare_out(out)
-    report = build(study, out)
-    (out / "REPORT.md").write_text(report.markdown())
-    (out / "REPORT.html").write_text(report.html())
+    document = build(study, out)
+    (out / "REPORT.md").write_text(document.markdown())
+    (out / "REPORT.html").write_text(document.html("Study report"))
     return out / "REPORT.md"

@@ -182,7 +182,7 @@ def finish_sweep(sweep: dict) -> dict:
             "time_this_iter_s": [r["time_this_iter_s"] for r in results],
             "epoch_seconds": [r["epoch_seconds"] for r in results],
             "checkpoint_bytes": max((f.stat().st_size for f in state_files), default=0),
-            "config": {k: v for k, v in params["trial"].items() if k != "experiment"}}
+            "config": {k: v for k, v in params["trial"].items() if k != "parts"}}
 
 
 def breakdown(bs: list[dict], setup_a: float) -> dict:

@@ -5,6 +5,7 @@ import contextlib
 import io
 import math
 import os
+import re
 import subprocess
 import time
 import zlib
@@ -34,14 +35,14 @@ def fake_curves(cfg: TrialConfig, epochs_run: int) -> dict[str, list[float]]:
 
 
 def log_fake_run(uri: str, experiment: str, cfg: TrialConfig, sweep_id: str, trial_id: str, epochs_run: int | None = None,
-                 scheduler: str = "asha", stopped_by: str | None = None) -> str:
+                 scheduler: str = "asha", stopped_by: str | None = None, tags: dict | None = None) -> str:
     """One run as the trainable writes it (tags, params, per-epoch and on-improvement metrics), in one batch."""
     from mlflow.entities import Metric
 
     epochs_run = cfg.epochs if epochs_run is None else epochs_run
     run = TrialRun.open(uri, experiment, cfg, {"sweep_id": sweep_id, "trial_id": trial_id, "git_commit": "0123456789abcdef",
                                                "versions": "torch=2.14.1 mlflow=3.17.2", "scheduler": scheduler,
-                                               "node_id": "node-a"})
+                                               "node_id": "node-a", **(tags or {})})
     c = fake_curves(cfg, epochs_run)
     metrics, best, t0 = [], {"best_val_loss": math.inf}, int(time.time() * 1000)
     for i in range(epochs_run):
@@ -107,15 +108,19 @@ def written(store, tmp_path_factory):
 
 def test_every_section_is_written(written):
     out, md = written
-    for title in ("## 0. Setup", "## 1. MLP dropout sweep", "## 2. CNN dropout sweep", "## 3. Train vs validation",
-                  "## 4. Test results", "## 5. BatchNorm ablation", "## 6. Dropout ablation", "## 7. Block order",
-                  "## 8. Dropout-rate analysis", "## 9. Seeds", "## 10. Scheduler efficiency", "## 11. Run inventory"):
-        assert title in md
-    assert md.index("## 0. Setup") < md.index("## 1. MLP")
-    assert "Skipped: experiment `order-all`" in md  # not in the store: a note, not a failure
-    assert "Element against channel dropout" in md and "tables/s8_dropout_kind.csv" in md
-    for name in ("s1_mlp_val_loss", "s2_cnn_best_curves", "s5_cnn_bn_curves", "s6_mlp_dropout_curves", "s7_order_curves",
-                 "s8_best_epoch", "s8_dropout_kind", "s10_stop_epochs"):
+    # The sections follow the catalogue's declarations, in its order, numbered from them.
+    titles = ["## 0. Setup", "## 1. The study's claims", "## 2. MLP over the dropout grid (`dropout-mlp`)",
+              "## 3. CNN over the dropout grid (`dropout-cnn`)", "## 4. MLP and CNN with and without BatchNorm (`bn-ablation`)",
+              "## 5. MLP and CNN with and without Dropout (`dropout-ablation`)", "## 6. CNN block orders of the study (`order`)",
+              "## 7. CNN with element vs channel dropout over the dropout grid (`dropout-kind`)", "## 8. Train vs validation",
+              "## 9. Test results", "## 10. Dropout-rate effects", "## 11. Seeds", "## 12. Scheduler efficiency",
+              "## 13. Run inventory"]
+    assert [line for line in md.splitlines() if line.startswith("## ")] == titles
+    # not in the store: a note, not a failure
+    assert "Not in this report:" in md and "`order-all` (no runs in this store" in md
+    assert "tables/dropout-kind.csv" in md
+    for name in ("dropout-mlp_val_loss", "dropout-cnn_best_curves", "bn-ablation_cnn_curves", "dropout-ablation_mlp_curves",
+                 "order_curves", "best_epoch_per_rate", "dropout-kind_test_acc", "stop_epochs"):
         png = (out / "figures" / f"{name}.png").read_bytes()
         assert png.startswith(PNG_SIGNATURE), name
         assert f"figures/{name}.png" in md
@@ -124,31 +129,31 @@ def test_every_section_is_written(written):
 
 def test_seeds_give_intervals_and_tests(written):
     _, md = written
-    assert " ± " in md and "[" in md  # mean ± std [CI] cells
+    assert re.search(r"\d\.\d{4} ± \d\.\d{4} \[\d\.\d{4}, \d\.\d{4}\]", md)  # a mean ± std [CI] loss cell
     assert "BN vs no-BN on the CNN" in md and "dropout vs no-dropout on the MLP" in md
     assert "Welch t-test, 2 vs 2 seeds" in md and "Holm-adjusted" in md
     assert "order relu,bn,dropout,pool vs bn,relu,dropout,pool (order)" in md
-    assert "no significance can be claimed" not in md.split("## 9. Seeds")[1].split("##")[0]
+    assert "no significance can be claimed" not in md.split("## 11. Seeds")[1].split("##")[0]
 
 
 def test_scheduler_stops_are_marked_and_counted(written):
     out, md = written
     import pandas as pd
 
-    sched = pd.read_csv(out / "tables" / "s10_scheduler.csv").set_index("experiment")
+    sched = pd.read_csv(out / "tables" / "scheduler.csv").set_index("experiment")
     mlp = sched.loc["dropout-mlp"]
     assert (mlp["trials"], mlp["full_grid_epochs"], mlp["trial_epochs"]) == (6, 36, 4 * 6 + 2 * 2)
     assert "2x scheduler at epoch 2" in md
-    winners = pd.read_csv(out / "tables" / "s10_winners.csv")
+    winners = pd.read_csv(out / "tables" / "winners.csv")
     assert list(winners["experiment"]) == ["dropout-mlp"] and winners["fifo_sweep"].iloc[0] == "s1-fifo"
-    # The stopped trials' test metrics are their best so far, as the table of section 4 shows.
-    test_all = pd.read_csv(out / "tables" / "s4_test_all.csv")
+    # The stopped trials' test metrics are their best so far, as the test results table shows.
+    test_all = pd.read_csv(out / "tables" / "test_all.csv")
     assert (test_all.loc[test_all["dropout"] == 0.9, "stopped"] == "2x scheduler at epoch 2").all()
 
 
 def test_order_section_prints_the_modules(written):
     _, md = written
-    section = md.split("## 7. Block order")[1].split("## 8.")[0]
+    section = md.split("## 6. CNN block orders")[1].split("## 7.")[0]
     assert section.count("Conv2d(3, 64, kernel_size=(3, 3)") == 3
     assert "MaxPool2d(kernel_size=2, stride=2, padding=1" in section
 
@@ -160,13 +165,13 @@ def test_rerun_overwrites_and_sweep_and_all_select(store, written, tmp_path):
     assert p.returncode == 0, p.stderr
     assert not (out / "figures" / "stale.png").exists()
     md = (out / "REPORT.md").read_text()
-    assert "sweep s1-fifo" in md and "Skipped: experiment `dropout-cnn` is not among the experiments asked for" in md
+    assert "sweep s1-fifo" in md and "`dropout-cnn` (not among the experiments asked for" in md
     p = report("--tracking-uri", store, "--out", str(tmp_path / "pooled"), "--experiment", "dropout-mlp", "--all")
     assert p.returncode == 0, p.stderr
     import pandas as pd
 
     # Both sweeps ran the same configurations and seeds: pooled, each counts once (the latest run).
-    sweep = pd.read_csv(tmp_path / "pooled" / "tables" / "s1_mlp_sweep.csv")
+    sweep = pd.read_csv(tmp_path / "pooled" / "tables" / "dropout-mlp.csv")
     assert list(sweep["seeds"]) == [2, 2, 2]
 
 
@@ -181,6 +186,7 @@ def test_user_errors_are_one_line_and_exit_2(store, tmp_path, args, needle):
     assert p.stderr.startswith("error: ") and needle in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
 
 
+@pytest.mark.slow
 def test_missing_store_is_not_created(tmp_path):
     """The real entry point: a missing store (the default ./mlflow.db, or a --tracking-uri) is one line, exit 2."""
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {"PYTHONPATH": str(ROOT)}
@@ -207,3 +213,46 @@ def test_out_folder_with_other_files_is_refused(store, tmp_path):
     (tmp_path / "keep.txt").write_text("mine")
     p = report("--tracking-uri", store, "--out", str(tmp_path))
     assert p.returncode == 2 and "not empty" in p.stderr and (tmp_path / "keep.txt").exists()
+
+
+def test_a_new_catalogue_experiment_gets_its_section(tmp_path, monkeypatch):
+    """Declared once: a new experiment in the catalogue is reported by its kind, with no edit to the report."""
+    from tune import catalogue
+
+    wide = catalogue.Experiment("dropout-wide", "wide MLP over the dropout grid", ({"model": "mlp", "hidden": 2048},),
+                                {"dropout": catalogue.DROPOUT_GRID}, analysis="rates")
+    ablation = catalogue.Experiment("bn-wide", "wide MLP with and without BatchNorm", (
+        {"model": "mlp", "hidden": 2048, "order": "bn,relu,dropout"}, {"model": "mlp", "hidden": 2048, "order": "relu,dropout"}),
+        scheduler="fifo", analysis="ablation", layer="bn")
+    monkeypatch.setitem(catalogue.CATALOGUE, wide.name, wide)
+    monkeypatch.setitem(catalogue.CATALOGUE, ablation.name, ablation)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    fake_study(uri, experiments=("dropout-mlp", "dropout-wide", "bn-wide"), seeds=2)
+    p = report("--tracking-uri", uri, "--out", str(tmp_path / "r"))
+    assert p.returncode == 0, p.stderr
+    md = (tmp_path / "r" / "REPORT.md").read_text()
+    titles = [line for line in md.splitlines() if line.startswith("## ")]
+    assert titles[2:5] == ["## 2. MLP over the dropout grid (`dropout-mlp`)",
+                           "## 3. Wide MLP over the dropout grid (`dropout-wide`)",
+                           "## 4. Wide MLP with and without BatchNorm (`bn-wide`)"]
+    assert (tmp_path / "r" / "tables" / "dropout-wide.csv").is_file() and "figures/dropout-wide_val_loss.png" in md
+    assert "**BN vs no-BN on the MLP**" in md and "Holm-adjusted over the 1 tested" in md  # its own comparison
+
+
+def test_a_shared_run_is_read_by_every_experiment_it_serves(tmp_path):
+    """One run in dropout-mlp with parts tagged: each part's rows read it, each with its part's scheduler."""
+    from analysis import fetch
+    from tune import catalogue
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    [baseline] = [t for t in catalogue.expand("report", base={"epochs": 6, "data": "synthetic"})
+                  if t.parts == ("dropout-mlp", "bn-ablation", "dropout-ablation")]
+    run_id = log_fake_run(uri, "dropout-mlp", baseline.config, "s1", "t0", scheduler="asha,fifo,fifo",
+                          tags={"parts": ",".join(baseline.parts)})
+    study = fetch.load(uri, ["bn-ablation"])  # its MLflow experiment is dropout-mlp's, not asked for
+    assert list(study.runs["run_id"]) == [run_id] and list(study.runs["scheduler"]) == ["fifo"]
+    study = fetch.load(uri)
+    rows = study.runs[study.runs["run_id"] == run_id]
+    assert dict(zip(rows["experiment"], rows["scheduler"])) == {"dropout-mlp": "asha", "bn-ablation": "fifo",
+                                                               "dropout-ablation": "fifo"}
+    assert set(rows["home"]) == {"dropout-mlp"} and rows["shared"].all()

@@ -17,6 +17,7 @@ from conftest import PYTHON, ROOT
 from models import build_model, layers
 
 
+@pytest.mark.slow
 def test_compute_limit_tiny_prints_its_figures_last():
     p = subprocess.run([PYTHON, "-m", "bench", "compute-limit", "--tiny", "--data", "synthetic"], cwd=ROOT,
                        capture_output=True, text=True, timeout=300)
@@ -120,6 +121,7 @@ def test_replay_mode_reads_a_saved_result(tmp_path):
     assert out["variant"] == "replay" and out["replay"] and out["replay_recommended"]["gap_points"] <= 0.5
 
 
+@pytest.mark.slow
 def test_gpu_packing_imports_neither_ray_nor_mlflow():
     code = ("import sys, bench.gpu_packing, bench.__main__; "
             "bad = sorted({m.split('.')[0] for m in sys.modules} & {'ray', 'mlflow', 'optuna', 'pandas'}); "

@@ -7,6 +7,8 @@ import pytest
 
 from conftest import PYTHON, ROOT
 
+pytestmark = pytest.mark.slow  # real Ray, servers or a subprocess per case: `make test` runs them
+
 
 def run(*args, cwd=ROOT, timeout=300):
     return subprocess.run([PYTHON, "-m", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)

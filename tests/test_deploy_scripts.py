@@ -18,6 +18,8 @@ import pytest
 
 from conftest import ROOT
 
+pytestmark = pytest.mark.slow  # real Ray, servers or a subprocess per case: `make test` runs them
+
 ENTRY = ROOT / "docker" / "entrypoint.sh"
 TOKEN = "t" * 64
 PASSWORD = "p" * 16

@@ -26,6 +26,8 @@ import pytest
 
 from conftest import PYTHON, ROOT
 
+pytestmark = pytest.mark.slow  # real Ray, servers or a subprocess per case: `make test` runs them
+
 ENTRY = ROOT / "docker" / "entrypoint.sh"
 SWEEP = ROOT / "docker" / "sweep-cluster.sh"
 PG_BIN = Path(os.environ.get("PG_BIN", "/usr/lib/postgresql/15/bin"))

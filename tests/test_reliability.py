@@ -11,6 +11,8 @@ import pytest
 
 from conftest import PYTHON, ROOT, history, mlflow_runs, run_sweep, sweep_cmd
 
+pytestmark = pytest.mark.slow  # real Ray, servers or a subprocess per case: `make test` runs them
+
 # One MLP trial of a few seconds per epoch: long enough to kill mid-run.
 SLOW_TRIAL = ["dropout-mlp", "--grid", "dropout=0.5", "--scheduler", "fifo", "--set", "epochs=5",
               "--set", "limit=24000", "--set", "eval_limit=1000", "--checkpoint-every", "2"]

@@ -8,6 +8,8 @@ from conftest import history
 from conftest import mlflow_runs as runs_of
 from conftest import run_sweep as sweep
 
+pytestmark = pytest.mark.slow  # real Ray, servers or a subprocess per case: `make test` runs them
+
 
 def test_smoke_grid_leaves_one_complete_run_per_trial(tmp_path, cifar_args):
     p = sweep(tmp_path, "dropout-mlp", "--smoke", "--grid", "dropout=0.1,0.5,0.9", "--set", "epochs=2",
@@ -35,7 +37,7 @@ def test_smoke_grid_leaves_one_complete_run_per_trial(tmp_path, cifar_args):
 
 def test_asha_stops_weak_trials_and_they_keep_test_metrics(tmp_path, cifar_args):
     # One good trial first, then three that barely learn: ASHA's first rung must cut them.
-    p = sweep(tmp_path, "dropout-mlp", "--smoke", "--grid", "lr=1e-3,1e-7,1e-7,1e-7", "--grid", "dropout=0.5",
+    p = sweep(tmp_path, "dropout-mlp", "--smoke", "--grid", "lr=1e-3,1e-7,2e-7,3e-7", "--grid", "dropout=0.5",
               "--set", "epochs=4", "--grace-period", "1", "--max-concurrent", "1", *cifar_args)
     assert p.returncode == 0, p.stderr[-3000:]
     client, runs = runs_of(tmp_path, "dropout-mlp")

@@ -5,7 +5,9 @@ validated TrialConfigs before Ray starts, so a bad value never reaches a trial.
 """
 
 import itertools
+import json
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from models.nets import TOKENS
 from tune.config import ConfigError, TrialConfig, UserError
@@ -37,11 +39,25 @@ class Experiment:
     samples: int = 20
     """trials drawn from `search`"""
     scheduler: str = "asha"
+    """asha for searches and rate grids (a trial is ranked against its own group only: this experiment's
+    trials of the same model); fifo for comparisons, whose every arm needs the same budget"""
     grace_fraction: float = 0.1
     """ASHA grace period as a fraction of the epochs"""
     reduction_factor: int = 3
     parts: tuple[str, ...] = ()
-    """a composite: the experiments it runs together"""
+    """a composite: the experiments it runs together, each under its own scheduler"""
+    analysis: str = ""
+    """how the report reads it: rates (a dropout-rate grid), ablation (arms with and without `layer`),
+    orders (block orders against `reference`), search; empty for a composite"""
+    layer: str = ""
+    """ablation: the order token whose arms are compared"""
+    reference: str = ""
+    """orders: the order every other order is compared with"""
+
+    @property
+    def members(self) -> tuple["Experiment", ...]:
+        """The experiments that run: a composite's parts, or this one."""
+        return tuple(get(p) for p in self.parts) if self.parts else (self,)
 
     def varies(self) -> str:
         if self.parts:
@@ -61,35 +77,37 @@ def _orders(required: tuple[str, ...], optional: tuple[str, ...] = ("bn",)) -> l
 
 CATALOGUE = {e.name: e for e in [
     Experiment("dropout-mlp", "MLP over the dropout grid", ({"model": "mlp"},), {"dropout": DROPOUT_GRID},
-               **SLOW_WINNERS_ASHA),
+               analysis="rates", **SLOW_WINNERS_ASHA),
     Experiment("dropout-cnn", "CNN over the dropout grid", ({"model": "cnn"},), {"dropout": DROPOUT_GRID},
-               **SLOW_WINNERS_ASHA),
+               analysis="rates", **SLOW_WINNERS_ASHA),
     Experiment("bn-ablation", "MLP and CNN with and without BatchNorm", (
         {"model": "mlp", "dropout": MLP_RATE, "order": MLP_FULL},
         {"model": "mlp", "dropout": MLP_RATE, "order": "relu,dropout"},
         {"model": "cnn", "dropout": CNN_RATE, "order": CNN_FULL},
         {"model": "cnn", "dropout": CNN_RATE, "order": "relu,dropout,pool"},
-    )),
+    ), scheduler="fifo", analysis="ablation", layer="bn"),
     Experiment("dropout-ablation", "MLP and CNN with and without Dropout", (
         {"model": "mlp", "dropout": MLP_RATE, "order": MLP_FULL},
         {"model": "mlp", "dropout": 0.0, "order": "bn,relu"},
         {"model": "cnn", "dropout": CNN_RATE, "order": CNN_FULL},
         {"model": "cnn", "dropout": 0.0, "order": "bn,relu,pool"},
-    )),
+    ), scheduler="fifo", analysis="ablation", layer="dropout"),
     Experiment("order", "CNN block orders of the study", tuple(
         {"model": "cnn", "dropout": CNN_RATE, "order": o}
-        for o in (CNN_FULL, "relu,bn,dropout,pool", "bn,relu,pool,dropout"))),
+        for o in (CNN_FULL, "relu,bn,dropout,pool", "bn,relu,pool,dropout")),
+        scheduler="fifo", analysis="orders", reference=CNN_FULL),
     Experiment("order-all", "CNN with every permutation of bn,relu,dropout,pool", tuple(
-        {"model": "cnn", "dropout": CNN_RATE, "order": ",".join(p)} for p in itertools.permutations(TOKENS))),
+        {"model": "cnn", "dropout": CNN_RATE, "order": ",".join(p)} for p in itertools.permutations(TOKENS)),
+        scheduler="fifo", analysis="orders", reference=CNN_FULL),
     Experiment("dropout-kind", "CNN with element vs channel dropout over the dropout grid",
                ({"model": "cnn"},), {"dropout": DROPOUT_GRID, "dropout_kind": ["element", "channel"]},
-               **SLOW_WINNERS_ASHA),
+               scheduler="fifo", analysis="rates"),
     Experiment("search-mlp", "Optuna TPE over the MLP's dropout, lr and order", ({"model": "mlp"},), search={
         "dropout": ("uniform", 0.0, 0.9), "lr": ("loguniform", 1e-4, 1e-2),
-        "order": ("choice", _orders(("relu", "dropout")))}, **SLOW_WINNERS_ASHA),
+        "order": ("choice", _orders(("relu", "dropout")))}, analysis="search", **SLOW_WINNERS_ASHA),
     Experiment("search-cnn", "Optuna TPE over the CNN's dropout, lr and order", ({"model": "cnn"},), search={
         "dropout": ("uniform", 0.0, 0.9), "lr": ("loguniform", 1e-4, 1e-2),
-        "order": ("choice", _orders(("relu", "dropout", "pool")))}, **SLOW_WINNERS_ASHA),
+        "order": ("choice", _orders(("relu", "dropout", "pool")))}, analysis="search", **SLOW_WINNERS_ASHA),
     Experiment("report", "the study: every experiment its report needs", parts=(
         "dropout-mlp", "dropout-cnn", "bn-ablation", "dropout-ablation", "order")),
 ]}
@@ -128,45 +146,73 @@ def apply_overrides(values: dict, overrides: dict) -> dict:
     return out
 
 
+class Trial(NamedTuple):
+    """One distinct trial of a sweep: its config, and every experiment whose analysis reads it."""
+
+    parts: tuple[str, ...]
+    """the experiments it belongs to; the first holds its MLflow run"""
+    config: TrialConfig
+
+    @property
+    def experiment(self) -> str:
+        return self.parts[0]
+
+
 def expand(name: str, sets: dict | None = None, grids: dict | None = None, seeds: int = 1,
-           base: dict | None = None) -> list[tuple[str, TrialConfig]]:
-    """Every (experiment, config) a grid experiment runs, validated. Composites expand their parts.
+           base: dict | None = None) -> list[Trial]:
+    """Every distinct trial a grid experiment runs, validated. Composites expand their parts, and a
+    (config, seed) that several parts share is one trial that belongs to all of them: the baseline
+    of an ablation is the same run as the grid point it repeats.
 
     Precedence, low to high: TrialConfig defaults, `base` (e.g. --smoke, --data),
     the experiment's variant and grid, then `sets` and `grids` from the user.
     """
     exp = get(name)
-    if exp.parts:
-        return [t for part in exp.parts for t in expand(part, sets, grids, seeds, base)]
-    if exp.search:
-        raise UserError(f"{name} is a search experiment; it has no fixed grid")
     scoped = {k.split(".")[0] for k in (sets or {}) if "." in k}
-    models = {v.get("model", TrialConfig.model) for v in exp.variants}
+    models = {v.get("model", TrialConfig.model) for e in exp.members for v in e.variants}
     if scoped - models:
         raise UserError(f"--set {sorted(scoped - models)[0]}.KEY matches no trial of {name}, whose models are "
                         f"{', '.join(sorted(models))}; drop the scope or fix the model name")
+    shared: dict[str, Trial] = {}
+    for part in exp.members:
+        for cfg in _expand_one(part, sets, grids, seeds, base):
+            key = json.dumps(cfg.to_dict(), sort_keys=True)
+            held = shared.get(key)
+            if held is None:
+                shared[key] = Trial((part.name,), cfg)
+            elif part.name not in held.parts:
+                shared[key] = Trial(held.parts + (part.name,), cfg)
+    return list(shared.values())
+
+
+def _expand_one(exp: Experiment, sets, grids, seeds, base) -> list[TrialConfig]:
+    if exp.search:
+        raise UserError(f"{exp.name} is a search experiment; it has no fixed grid")
     grid = {**exp.grid, **{k: v.split(",") for k, v in (grids or {}).items()}}
     axes = list(grid)
-    trials = []
+    configs = []
     for variant in exp.variants:
         for combo in itertools.product(*(grid[a] for a in axes)):
             values = apply_overrides({**(base or {}), **variant, **dict(zip(axes, combo))}, sets or {})
             for seed_offset in range(seeds):
                 v = {**values, "seed": int(values.get("seed", 0)) + seed_offset}
                 try:
-                    trials.append((name, TrialConfig.from_dict(v)))
+                    configs.append(TrialConfig.from_dict(v))
                 except ConfigError as e:
-                    raise UserError(f"experiment {name}: {e}") from None
-    return trials
+                    raise UserError(f"experiment {exp.name}: {e}") from None
+    return configs
 
 
 def describe() -> list[dict]:
     rows = []
     for exp in CATALOGUE.values():
         trials = f"--samples (default {exp.samples})" if exp.search else str(len(expand(exp.name)))
+        description = exp.description
+        if exp.parts:
+            arms = sum(len(expand(p.name)) for p in exp.members)
+            description += f" ({arms} arms; the shared ones are trained once)"
         rows.append({"experiment": exp.name, "trials": trials, "varies": exp.varies(),
-                     "scheduler": scheduler_summary(get(exp.parts[0]) if exp.parts else exp),
-                     "description": exp.description})
+                     "scheduler": "each part its own" if exp.parts else scheduler_summary(exp), "description": description})
     return rows
 
 

@@ -72,6 +72,10 @@ def cmd_list(args) -> int:
     for r in rows:
         print(f"{r['experiment']:<{widths['experiment']}}  {r['trials']:>{widths['trials']}}  "
               f"{r['scheduler']:<{widths['scheduler']}}  {r['varies']}: {r['description']}")
+    print("\nASHA ranks a trial only against its group: the trials of the same experiment and model. A composite runs "
+          "every part under its own scheduler, in one Ray Tune run, and trains a configuration that several parts "
+          "share once (same config, same seed); that trial counts in its ASHA group's rankings and is never stopped "
+          "while any of its parts is FIFO.")
     return 0
 
 
@@ -97,10 +101,16 @@ def add_sweep_options(p: argparse.ArgumentParser) -> None:
                    help="fix a config field for every trial, e.g. --set epochs=30; mlp.KEY or cnn.KEY for one model")
     p.add_argument("--grid", action="append", metavar="KEY=V1,V2",
                    help="replace (or add) one grid axis, e.g. --grid dropout=0.1,0.5,0.9")
-    p.add_argument("--scheduler", choices=("asha", "fifo"), help="asha stops weak trials early; fifo runs all to the end")
+    p.add_argument("--scheduler", choices=("asha", "fifo"),
+                   help="default: each experiment's own (see `list`): ASHA for dropout grids and searches, FIFO for "
+                        "ablations and orders; a composite such as report runs every part under its own. Given, it "
+                        "applies to every part: fifo runs every trial to the end. ASHA ranks a trial only against "
+                        "its group (the same experiment and model)")
     p.add_argument("--grace-period", type=int,
-                   help="ASHA: epochs before the first cut (default: the experiment's fraction of the epochs, see `list`)")
-    p.add_argument("--reduction-factor", type=int, help="ASHA: keep 1/N at each rung (default: the experiment's, see `list`)")
+                   help="ASHA: epochs before the first cut, for every ASHA part of a composite (default: each "
+                        "experiment's fraction of its epochs, see `list`)")
+    p.add_argument("--reduction-factor", type=int,
+                   help="ASHA: keep 1/N at each rung, for every ASHA part of a composite (default: the experiment's, see `list`)")
     p.add_argument("--data", help="dataset for every trial (default: cifar10); see `train --help`")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray instance)")
     p.add_argument("--storage", default=d.storage,
@@ -108,7 +118,9 @@ def add_sweep_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)")
     p.add_argument("--cpus-per-trial", type=float, default=d.cpus_per_trial, help="CPUs per trial (default: 1)")
     p.add_argument("--gpus-per-trial", type=float, help="GPUs per trial, fractions pack trials (default: 0.25 with GPUs, else 0)")
-    p.add_argument("--max-concurrent", type=int, help="trials at once (default: as many as resources allow)")
+    p.add_argument("--max-concurrent", type=int,
+                   help="trials at once (default: as many as resources allow; for an Optuna search 4, so TPE learns "
+                        "from finished trials before it draws the rest)")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
                    help=f"epochs between checkpoints; the last epoch always checkpoints (default: {d.checkpoint_every})")
     p.add_argument("--max-failures", type=int, default=d.max_failures, help="retries of a failed trial (default: 2)")

@@ -46,28 +46,59 @@ class SweepArgs:
     num_gpus: int | None = None
 
 
+@dataclass(frozen=True)
+class Group:
+    """Trials that answer one question: one experiment's trials of one model. A scheduler ranks a
+    trial only against its own group."""
+
+    name: str
+    """experiment/model, e.g. dropout-mlp/mlp"""
+    scheduler: str
+    """asha or fifo"""
+    epochs: int
+    """max_t: the most epochs a trial of the group runs"""
+    grace_period: int = 0
+    reduction_factor: int = 0
+
+    def describe(self) -> str:
+        if self.scheduler == "fifo":
+            return f"{self.name} fifo"
+        return f"{self.name} asha (grace {self.grace_period}, rf {self.reduction_factor})"
+
+
+def group_name(experiment: str, model: str) -> str:
+    return f"{experiment}/{model}"
+
+
 @dataclass
 class Plan:
     """A validated sweep, ready to hand to Ray."""
 
     experiment: catalogue.Experiment
-    trials: list[tuple[str, TrialConfig]]  # grid experiments
+    trials: list[catalogue.Trial]  # grid experiments: every distinct trial once
     search_base: dict | None  # search experiments: the fixed fields
     samples: int
     epochs: int
-    scheduler: str
-    grace_period: int
-    reduction_factor: int
+    groups: dict[str, Group]
     data: str
     data_dir: str
 
     @property
     def experiments(self) -> list[str]:
-        return sorted({e for e, _ in self.trials}) if self.trials else [self.experiment.name]
+        return sorted({p for t in self.trials for p in t.parts}) if self.trials else [self.experiment.name]
 
     @property
     def n_trials(self) -> int:
         return len(self.trials) if self.trials else self.samples
+
+    @property
+    def max_trial_epochs(self) -> int:
+        return sum(t.config.epochs for t in self.trials) if self.trials else self.samples * self.epochs
+
+    @property
+    def schedulers(self) -> dict[str, str]:
+        """experiment -> its scheduler"""
+        return {g.name.split("/")[0]: g.scheduler for g in self.groups.values()}
 
 
 def plan(args: SweepArgs) -> Plan:
@@ -76,6 +107,8 @@ def plan(args: SweepArgs) -> Plan:
     grids = catalogue.parse_assignments(args.grid, "--grid")
     if args.seeds < 1:
         raise UserError(f"--seeds {args.seeds} must be at least 1")
+    if args.scheduler not in (None, "asha", "fifo"):
+        raise UserError(f"--scheduler {args.scheduler!r} is unknown; use asha or fifo")
     base = dict(catalogue.SMOKE) if args.smoke else {}
     if args.data:
         base["data"] = args.data
@@ -100,25 +133,34 @@ def plan(args: SweepArgs) -> Plan:
         except UserError as e:
             raise UserError(f"experiment {exp.name}: {e}") from None
         trials, search_base = [], {k: v for k, v in cfg.to_dict().items() if k not in exp.search}
-        configs = [cfg]
+        members = [((exp.name,), cfg)]
     else:
         trials, search_base, samples = catalogue.expand(exp.name, sets, grids, args.seeds, base), None, 0
-        configs = [c for _, c in trials]
-    sources = {(c.data, c.data_dir) for c in configs}
+        members = [(t.parts, t.config) for t in trials]
+    sources = {(c.data, c.data_dir) for _, c in members}
     if len(sources) > 1:
         raise UserError("trials of one sweep must share one dataset; set --data once, not per model")
     data, data_dir = sources.pop()
-    epochs = max(c.epochs for c in configs)
-    leader = catalogue.get(exp.parts[0]) if exp.parts else exp
-    scheduler = args.scheduler or leader.scheduler
-    if scheduler not in ("asha", "fifo"):
-        raise UserError(f"--scheduler {scheduler!r} is unknown; use asha or fifo")
-    grace = args.grace_period or max(1, round(epochs * leader.grace_fraction))
-    reduction = args.reduction_factor or leader.reduction_factor
+    epochs: dict[str, int] = {}
+    for parts, cfg in members:
+        for part in parts:
+            name = group_name(part, cfg.model)
+            epochs[name] = max(epochs.get(name, 0), cfg.epochs)
+    groups = {name: _group(name, e, args) for name, e in epochs.items()}
+    return Plan(exp, trials, search_base, samples, max(epochs.values()), groups, data, data_dir)
+
+
+def _group(name: str, epochs: int, args: SweepArgs) -> Group:
+    part = catalogue.get(name.split("/")[0])
+    scheduler = args.scheduler or part.scheduler
+    if scheduler == "fifo":
+        return Group(name, "fifo", epochs)
+    grace = args.grace_period or max(1, round(epochs * part.grace_fraction))
+    reduction = args.reduction_factor or part.reduction_factor
     if grace > epochs or reduction < 2:
-        raise UserError(f"ASHA needs 1 <= grace period <= epochs ({epochs}) and reduction factor >= 2; "
+        raise UserError(f"ASHA ({name}) needs 1 <= grace period <= epochs ({epochs}) and reduction factor >= 2; "
                         f"got {grace} and {reduction}")
-    return Plan(exp, trials, search_base, samples, epochs, scheduler, grace, reduction, data, data_dir)
+    return Group(name, "asha", epochs, grace, reduction)
 
 
 def _check_storage(storage: str) -> str:
@@ -172,22 +214,21 @@ def _check_port(address: str) -> None:
         raise UserError(f"cannot reach the Ray cluster at {address} ({e.strerror or e}); {fix}") from None
 
 
-def _scheduler(p: Plan, uri: str, sweep_id: str):
-    if p.scheduler == "fifo":
-        return None
-    from tune.trainable import ResumableASHA
+def _scheduler(p: Plan, folder: Path):
+    from tune.trainable import GroupScheduler
 
     # time_attr is our epoch counter, not training_iteration, which restarts on restore.
-    return ResumableASHA(uri, sweep_id, time_attr="epoch", max_t=p.epochs, grace_period=p.grace_period,
-                         reduction_factor=p.reduction_factor)
+    return GroupScheduler({g.name: None if g.scheduler == "fifo" else
+                           {"max_t": g.epochs, "grace_period": g.grace_period, "reduction_factor": g.reduction_factor}
+                           for g in p.groups.values()}, str(folder / RUNGS_FILE))
 
 
 def _param_space(p: Plan) -> dict:
     import ray.tune
 
     if p.trials:
-        return {"trial": ray.tune.grid_search([{"experiment": e, **c.to_dict()} for e, c in p.trials])}
-    space = {"experiment": p.experiment.name, **p.search_base}
+        return {"trial": ray.tune.grid_search([{"parts": list(t.parts), **t.config.to_dict()} for t in p.trials])}
+    space = {"parts": [p.experiment.name], **p.search_base}
     for name, (kind, *spec) in p.experiment.search.items():
         space[name] = {"uniform": lambda: ray.tune.uniform(*spec), "loguniform": lambda: ray.tune.loguniform(*spec),
                        "choice": lambda: ray.tune.choice(spec[0])}[kind]()
@@ -195,6 +236,19 @@ def _param_space(p: Plan) -> dict:
 
 
 SWEEP_FILE = "sweep.json"  # beside Ray's experiment state: what --resume needs to rebuild the sweep
+# ASHA's rungs per group as each trial ends, and as a resume put them back: for a person (and a test) to check.
+RUNGS_FILE, RESTORED_RUNGS_FILE = "rungs.json", "rungs.restored.json"
+# TPE learns only from trials that returned: without a cap it would draw most samples before the first
+# one ends. Four keeps 2-core machines busy and lets TPE see results after its random start.
+SEARCH_CONCURRENCY = 4
+
+
+def _max_concurrent(args: SweepArgs, p: Plan) -> int | None:
+    if args.max_concurrent is not None:
+        if args.max_concurrent < 1:
+            raise UserError(f"--max-concurrent {args.max_concurrent} must be at least 1")
+        return args.max_concurrent
+    return SEARCH_CONCURRENCY if p.experiment.search else None
 
 
 def _sweep_dirs(storage: str) -> list[Path]:
@@ -243,27 +297,28 @@ def run(args: SweepArgs) -> int:
         raise UserError("--cpus-per-trial must be positive and --gpus-per-trial at least 0")
     if args.checkpoint_every < 1:
         raise UserError(f"--checkpoint-every {args.checkpoint_every} must be at least 1")
+    max_concurrent = _max_concurrent(args, p)
     dataset = datasets.load(p.data, p.data_dir)
     # Ray's newer console output ignores custom columns; ours shows the swept params.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     gpus_per_trial = _connect(args.address, args.gpus_per_trial, args.cpus_per_trial, args.num_gpus)
     import ray.tune
 
-    from tune.trainable import RunStatusCallback, SweepContext, run_trial
+    from tune.trainable import METRIC, RunStatusCallback, SchedulerState, SweepContext, run_trial
 
     # Pin every resolved value, so a resume rebuilds exactly this sweep.
     args = dataclasses.replace(args, storage=storage, tracking_uri=uri, gpus_per_trial=gpus_per_trial,
                                sweep_id=args.sweep_id or f"{args.experiment}-{time.strftime('%Y%m%d-%H%M%S')}")
     sweep_id, folder = args.sweep_id, Path(storage) / args.sweep_id
     verb = "resuming" if args.resume else "sweep"
-    print(f"{verb} {sweep_id}: {p.n_trials} trials of {args.experiment} ({', '.join(p.experiments)}), "
-          f"at most {p.n_trials * p.epochs} trial-epochs; scheduler {p.scheduler}"
-          + (f" (grace {p.grace_period}, reduction {p.reduction_factor})" if p.scheduler == "asha" else "")
-          + f"; {args.cpus_per_trial:g} CPU and {gpus_per_trial:g} GPU per trial", file=sys.stderr)
+    print(f"{verb} {sweep_id}: {p.n_trials} trials of {args.experiment}, at most {p.max_trial_epochs} trial-epochs; "
+          f"each group ranked on its own: {'; '.join(g.describe() for g in p.groups.values())}; "
+          f"{args.cpus_per_trial:g} CPU and {gpus_per_trial:g} GPU per trial", file=sys.stderr)
     client = tracking.client(uri)
     for name in p.experiments:
         tracking.experiment_id(client, name)
-    ctx = SweepContext(sweep_id, uri, p.scheduler, args.checkpoint_every, tracking.git_commit(), tracking.versions())
+    ctx = SweepContext(sweep_id, uri, p.schedulers, args.checkpoint_every, tracking.git_commit(), tracking.versions(),
+                       args.smoke, datasets.digest(dataset))
     trainable = ray.tune.with_resources(
         ray.tune.with_parameters(run_trial, dataset=dataset, sweep=ctx),
         {"cpu": args.cpus_per_trial, "gpu": gpus_per_trial})
@@ -273,22 +328,24 @@ def run(args: SweepArgs) -> int:
     else:
         search_alg = None
         if p.experiment.search:
-            from ray.tune.search.optuna import OptunaSearch
+            from tune.trainable import PrunableOptunaSearch
 
-            search_alg = OptunaSearch()
+            # Seeded from the trials' base seed (--set seed=), so a search can be repeated.
+            search_alg = PrunableOptunaSearch(seed=p.search_base["seed"])
         _write_sweep_file(folder, args, finished=False)
+        scheduler = _scheduler(p, folder)
         tuner = ray.tune.Tuner(
             trainable,
             param_space=_param_space(p),
             tune_config=ray.tune.TuneConfig(
-                metric="best_val_loss", mode="min", scheduler=_scheduler(p, uri, sweep_id), search_alg=search_alg,
-                num_samples=p.samples if p.experiment.search else 1, max_concurrent_trials=args.max_concurrent,
+                metric=METRIC, mode="min", scheduler=scheduler, search_alg=search_alg,
+                num_samples=p.samples if p.experiment.search else 1, max_concurrent_trials=max_concurrent,
                 trial_dirname_creator=_trial_dirname, reuse_actors=args.reuse_actors),
             run_config=ray.tune.RunConfig(
                 name=sweep_id, storage_path=storage, verbose=args.verbose,
                 failure_config=ray.tune.FailureConfig(max_failures=args.max_failures),
                 checkpoint_config=ray.tune.CheckpointConfig(num_to_keep=2),
-                callbacks=[RunStatusCallback(uri, sweep_id)],
+                callbacks=[RunStatusCallback(uri, sweep_id), SchedulerState(scheduler, str(folder / RESTORED_RUNGS_FILE))],
                 progress_reporter=_reporter(p)),
         )
     results = tuner.fit()
@@ -330,14 +387,14 @@ def _reporter(p: Plan):
 
     prefix = "trial/" if p.trials else ""
     return ray.tune.CLIReporter(
-        parameter_columns={f"{prefix}experiment": "experiment", f"{prefix}model": "model",
+        parameter_columns={f"{prefix}parts": "experiments", f"{prefix}model": "model",
                            f"{prefix}dropout": "dropout", f"{prefix}order": "order"},
         metric_columns={"epoch": "epoch", "val_loss": "val_loss", "best_val_loss": "best_val_loss", "val_acc": "val_acc"},
         max_report_frequency=30)
 
 
 def _summary(results, sweep_id: str, uri: str, p: Plan) -> None:
-    from tune.trainable import trial_values
+    from tune.trainable import trial_groups, trial_values
 
     best: dict[str, dict] = {}
     epochs = 0
@@ -345,15 +402,16 @@ def _summary(results, sweep_id: str, uri: str, p: Plan) -> None:
         m = r.metrics or {}
         if not m or not math.isfinite(m.get("best_val_loss", math.nan)):
             continue
-        experiment, values = trial_values(r.config)
+        _, values = trial_values(r.config)
         epochs += int(m.get("epoch", 0))
-        if experiment not in best or m["best_val_loss"] < best[experiment]["best_val_loss"]:
-            best[experiment] = {**m, "values": values}
+        for group in trial_groups(r.config):
+            if group not in best or m["best_val_loss"] < best[group]["best_val_loss"]:
+                best[group] = {**m, "values": values}
     print(f"\nsweep {sweep_id} done: {len(results)} trials, {epochs} trial-epochs "
-          f"(a full grid is {p.n_trials * p.epochs}); {len(results.errors)} errored", file=sys.stderr)
-    for experiment, m in sorted(best.items()):
+          f"(a full grid is {p.max_trial_epochs}); {len(results.errors)} errored", file=sys.stderr)
+    for group, m in sorted(best.items()):
         v = m["values"]
-        print(f"  best of {experiment}: {v['model']} dropout={float(v['dropout']):g} order={v['order']} "
+        print(f"  best of {group}: dropout={float(v['dropout']):g} order={v['order']} "
               f"best_val_loss={m['best_val_loss']:.4f} (epoch {m['best_epoch']}) test_acc={m['test_acc']:.4f}",
               file=sys.stderr)
     print(f"runs: MLflow experiments {', '.join(p.experiments)} at {uri}", file=sys.stderr)

@@ -6,7 +6,11 @@ The schema (what analysis/ reads):
   params      every TrialConfig field
   tags        sweep_id, experiment, trial_id, config_key, git_commit, stopped_by
               (completed | scheduler | early_stop | error | killed), stop_reason,
-              versions, node_id
+              versions, node_id; parts (every experiment that reads the run, its
+              own first: a shared trial serves several) and scheduler (asha | fifo
+              per part, comma-separated in the same order); train_images,
+              val_images, test_images; data_digest (tune.data.digest); threads
+              (torch's, which results depend on); smoke (true for --smoke sweeps)
   metrics     per epoch (step=epoch): train_loss, train_acc, val_loss, val_acc,
               epoch_seconds, best_val_loss; when the best epoch changes also
               best_epoch, best_val_acc, test_loss, test_acc

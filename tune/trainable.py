@@ -18,17 +18,19 @@ import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
 import ray
 import ray.tune
 import torch
-from ray.tune.schedulers import ASHAScheduler
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+from ray.tune.search.optuna import OptunaSearch
 
 from tune import tracking
 from tune.config import TrialConfig
-from tune.data import Dataset
+from tune.data import Dataset, split
 from tune.tracking import TrialRun
 from tune.train import train
 
 STATE_FILE, META_FILE = "state.pt", "meta.json"
 REPORTED = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "epoch_seconds",
-            "best_epoch", "best_val_loss", "best_val_acc", "test_loss", "test_acc")
+            "best_epoch", "best_val_loss", "best_val_acc", "test_loss", "test_acc", "final")
+METRIC = "best_val_loss"  # what every scheduler and searcher ranks by (mode min)
 
 
 @dataclass(frozen=True)
@@ -37,20 +39,32 @@ class SweepContext:
 
     sweep_id: str
     tracking_uri: str
-    scheduler: str
+    schedulers: dict
+    """experiment -> asha or fifo"""
     checkpoint_every: int
     git_commit: str
     versions: str
+    smoke: bool = False
+    """--smoke: the runs show the pipeline works and are no evidence"""
+    data_digest: str = ""
+    """tune.data.digest of the sweep's dataset"""
 
 
-def trial_values(config: dict) -> tuple[str, dict]:
-    """Ray's config -> (experiment, TrialConfig fields). Grid trials nest theirs under "trial"."""
+def trial_values(config: dict) -> tuple[tuple[str, ...], dict]:
+    """Ray's config -> (the experiments it belongs to, TrialConfig fields). Grid trials nest theirs under "trial"."""
     values = {**config.get("trial", {}), **{k: v for k, v in config.items() if k != "trial"}}
-    return values.pop("experiment"), values
+    return tuple(values.pop("parts")), values
+
+
+def trial_groups(config: dict) -> list[str]:
+    """The groups (experiment/model) a trial is ranked in."""
+    parts, values = trial_values(config)
+    return list(dict.fromkeys(f"{part}/{values.get('model', TrialConfig.model)}" for part in parts))
 
 
 def run_trial(config: dict, dataset: Dataset, sweep: SweepContext) -> None:
-    experiment, values = trial_values(config)
+    parts, values = trial_values(config)
+    experiment = parts[0]
     cfg = TrialConfig.from_dict(values)
     trial_id = ray.tune.get_context().get_trial_id()
     node_id = ray.get_runtime_context().get_node_id()
@@ -60,8 +74,15 @@ def run_trial(config: dict, dataset: Dataset, sweep: SweepContext) -> None:
         with checkpoint.as_directory() as folder:
             state = torch.load(Path(folder) / STATE_FILE, weights_only=True)
             run_id = json.loads((Path(folder) / META_FILE).read_text())["mlflow_run_id"]
+    sizes = split(dataset, cfg.val_size, cfg.limit, cfg.eval_limit)
+    # A shared trial has one scheduler per part, in the order of `parts`.
     tags = {"sweep_id": sweep.sweep_id, "trial_id": trial_id, "git_commit": sweep.git_commit,
-            "versions": sweep.versions, "scheduler": sweep.scheduler, "node_id": node_id,
+            "versions": sweep.versions, "parts": ",".join(parts),
+            "scheduler": ",".join(sweep.schedulers.get(p, "fifo") for p in parts), "node_id": node_id,
+            "train_images": str(len(sizes.train_y)), "val_images": str(len(sizes.val_y)),
+            "test_images": str(len(sizes.test_y)), "smoke": str(sweep.smoke).lower(), "data_digest": sweep.data_digest,
+            # Results are bit-identical only at the same thread count (Ray sets it to the trial's CPUs).
+            "threads": str(torch.get_num_threads()),
             "run_name": f"{experiment}-{trial_id}"}
     run = TrialRun.open(sweep.tracking_uri, experiment, cfg, tags, run_id)
     # A retried trial trains the epochs after its checkpoint again; exact restore makes
@@ -96,7 +117,7 @@ def run_trial(config: dict, dataset: Dataset, sweep: SweepContext) -> None:
     if result["stopped_by"] == "error":
         # Ray needs the metric in a trial's last result; a diverged trial ranks last.
         ray.tune.report({k: result[k] for k in REPORTED if k in result} | {
-            "epoch": result["epochs_run"], "mlflow_run_id": run.run_id, "node_id": node_id, "pid": os.getpid()})
+            "epoch": result["epochs_run"], "final": True, "mlflow_run_id": run.run_id, "node_id": node_id, "pid": os.getpid()})
 
 
 class RunStatusCallback(ray.tune.Callback):
@@ -118,36 +139,111 @@ class RunStatusCallback(ray.tune.Callback):
         client = tracking.client(self.uri)
         run_id = (trial.last_result or {}).get("mlflow_run_id")
         if run_id is None:
-            experiment, _ = trial_values(trial.config)
-            found = tracking.find_run(client, experiment, self.sweep_id, trial.trial_id)
+            parts, _ = trial_values(trial.config)
+            found = tracking.find_run(client, parts[0], self.sweep_id, trial.trial_id)
             run_id = found.info.run_id if found else None
         if run_id and client.get_run(run_id).info.status == "RUNNING":
             tracking.finish_run(client, run_id, stopped_by, reason)
 
 
-class ResumableASHA(ASHAScheduler):
-    """ASHA whose rungs survive `Tuner.restore`.
+class GroupScheduler(FIFOScheduler):
+    """One scheduler per group (experiment/model) inside one Ray Tune run.
 
-    Ray does not checkpoint the scheduler: a restored sweep gets the ASHA pickled
-    at its start, with empty rungs (ray-project/ray#30838), so it would cut less.
-    Every result ASHA ever saw is also in the trials' MLflow runs (best_val_loss
-    per epoch, our time_attr). When a restored trial that already has results is
-    added, its history is replayed into its bracket; the rungs end up as they were.
+    An ASHA group ranks its own trials only: the MLPs of a dropout grid never
+    meet its CNNs or another experiment's trials. FIFO groups never stop a trial.
+    A trial shared by several groups (the baseline of an ablation is a point of
+    a dropout grid) feeds every ASHA group it is in, so it is ranked there like
+    any other, but it stops only when every group it is in says stop: a trial
+    of a FIFO part always runs to the end.
+
+    Ray does not checkpoint schedulers (ray-project/ray#30838); `SchedulerState`,
+    a callback, carries the rungs through Ray's saved experiment state.
     """
 
-    def __init__(self, tracking_uri: str, sweep_id: str, **kwargs):
-        super().__init__(**kwargs)
-        self.tracking_uri, self.sweep_id = tracking_uri, sweep_id
+    def __init__(self, groups: dict[str, dict | None], rungs_file: str | None = None):
+        """groups: name -> ASHA arguments (max_t, grace_period, reduction_factor), or None for FIFO.
+        rungs_file: where the rungs are written each time a trial ends, for a person to inspect."""
+        super().__init__()
+        self.rungs_file = rungs_file
+        self.fifo = {name for name, asha in groups.items() if asha is None}
+        self.asha = {name: ASHAScheduler(metric=METRIC, mode="min", time_attr="epoch", **asha)
+                     for name, asha in groups.items() if asha is not None}
+
+    def set_search_properties(self, metric, mode, **spec) -> bool:
+        return metric in (None, METRIC) and mode in (None, "min")
+
+    def _ashas(self, trial):
+        return [self.asha[g] for g in trial_groups(trial.config) if g in self.asha]
 
     def on_trial_add(self, tune_controller, trial):
-        super().on_trial_add(tune_controller, trial)
-        if not trial.last_result:
-            return  # a new trial: nothing to replay
-        client = tracking.client(self.tracking_uri)
-        experiment, _ = trial_values(trial.config)
-        run = tracking.find_run(client, experiment, self.sweep_id, trial.trial_id)
-        if run is None:
-            return
-        bracket = self._trial_info[trial.trial_id]
-        for m in sorted(client.get_metric_history(run.info.run_id, self._metric), key=lambda m: m.step):
-            bracket.on_result(trial, m.step, self._metric_op * m.value)
+        for asha in self._ashas(trial):
+            asha.on_trial_add(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller, trial, result):
+        groups = trial_groups(trial.config)
+        # Every ASHA group records the result, whatever the others decide.
+        decisions = [self.asha[g].on_trial_result(tune_controller, trial, result) for g in groups if g in self.asha]
+        if not decisions or any(g in self.fifo for g in groups):
+            return TrialScheduler.CONTINUE
+        return TrialScheduler.STOP if all(d == TrialScheduler.STOP for d in decisions) else TrialScheduler.CONTINUE
+
+    def on_trial_complete(self, tune_controller, trial, result):
+        for asha in self._ashas(trial):
+            asha.on_trial_complete(tune_controller, trial, result)
+        if self.rungs_file and self.asha:
+            write_rungs(self.rungs_file, self.rungs())
+
+    def on_trial_remove(self, tune_controller, trial):
+        for asha in self._ashas(trial):
+            asha.on_trial_remove(tune_controller, trial)
+
+    def rungs(self) -> dict[str, list]:
+        """group -> [[milestone, {trial_id: value}], ...], highest milestone first (ASHA's order)."""
+        return {name: [[m, dict(rec)] for m, rec in asha._brackets[0]._rungs] for name, asha in self.asha.items()}
+
+    def set_rungs(self, rungs: dict[str, list]) -> None:
+        for name, saved in rungs.items():
+            if name in self.asha:
+                bracket = self.asha[name]._brackets[0]
+                bracket._rungs = [(m, dict(rec)) for m, rec in saved]
+
+    def debug_string(self) -> str:
+        lines = [f"{name}: " + " | ".join(f"epoch {m}: {len(rec)} ranked" for m, rec in reversed(rungs))
+                 for name, rungs in self.rungs().items()]
+        return "\n".join(["Group scheduler (ASHA per group, FIFO elsewhere)", *lines])
+
+
+class PrunableOptunaSearch(OptunaSearch):
+    """Ray's OptunaSearch tells Optuna that a trial ASHA stopped COMPLETEd, with its truncated value
+    ranked like a full run's. Here it is PRUNED: TPE then weighs it by its intermediate values only."""
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
+        if result and not error and not result.get("final", True):
+            result = None  # no value and no error: Ray's OptunaSearch tells PRUNED
+        super().on_trial_complete(trial_id, result, error)
+
+
+class SchedulerState(ray.tune.Callback):
+    """Saves the group scheduler's rungs with Ray's experiment state, and puts them back on restore.
+
+    Tuner.restore unpickles this callback and the scheduler from one file, so it
+    still holds the scheduler Ray runs; Ray restores callback state before it
+    re-adds the trials. On restore the rungs are also written to `rungs_file`.
+    """
+
+    def __init__(self, scheduler: GroupScheduler, rungs_file: str):
+        """rungs_file: where the restored rungs are written."""
+        self.scheduler, self.rungs_file = scheduler, rungs_file
+
+    def get_state(self) -> dict | None:
+        return {"rungs": self.scheduler.rungs()}
+
+    def set_state(self, state: dict) -> None:
+        self.scheduler.set_rungs(state["rungs"])
+        write_rungs(self.rungs_file, self.scheduler.rungs())
+
+
+def write_rungs(path: str, rungs: dict) -> None:
+    tmp = Path(path + ".tmp")
+    tmp.write_text(json.dumps(rungs, indent=1, sort_keys=True))
+    tmp.replace(path)
