@@ -32,6 +32,8 @@ def build_parser() -> Parser:
     which.add_argument("--all", action="store_true", help="pool every sweep (a configuration and seed counts once)")
     p.add_argument("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)")
     p.add_argument("--out", default="reports/study", help="report folder, replaced on each run (default: reports/study)")
+    p.add_argument("--command", default="unknown", help="the command that made the runs, for the report's header")
+    p.add_argument("--machine", default="unknown", help="what they ran on, for the report's header")
     return parser
 
 
@@ -44,7 +46,7 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         report.check_out(Path(args.out))
         study = fetch.load(resolve_uri(args.tracking_uri), args.experiment, args.sweep, args.all)
-        path = report.write(study, Path(args.out))
+        path = report.write(study, Path(args.out), args.command, args.machine)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

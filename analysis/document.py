@@ -3,6 +3,7 @@ rendered to one self-contained HTML file by Python-Markdown, with the figures in
 """
 
 import base64
+import html
 import re
 from pathlib import Path
 
@@ -68,8 +69,12 @@ class Document:
         return "\n\n".join(self.blocks) + "\n"
 
     def html(self, title: str) -> str:
-        body = markdown.markdown(self.markdown(), extensions=["tables", "fenced_code", "md_in_html", "toc"],
-                                 extension_configs={"toc": {"slugify": lambda text, _sep: anchor(text)}})
+        text, front = self.markdown(), ""
+        if text.startswith("---\n"):  # YAML front matter: shown as it is, not as rules and headings
+            end = text.index("\n---\n", 4)
+            front, text = f"<pre>{html.escape(text[4:end])}</pre>", text[end + 5:]
+        body = front + markdown.markdown(text, extensions=["tables", "fenced_code", "md_in_html", "toc"],
+                                         extension_configs={"toc": {"slugify": lambda text, _sep: anchor(text)}})
 
         def inline(match: re.Match) -> str:
             data = base64.b64encode((self.out / match.group(1)).read_bytes()).decode()

@@ -6,7 +6,9 @@ gets the section of its kind, numbered in catalogue order; the comparisons of th
 order sections form one family for the Holm correction.
 """
 
+import dataclasses
 import math
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -545,7 +547,36 @@ def missing_note(ctx: Context, exp: str) -> str:
     return "no usable runs: each one diverged or finished no epoch"
 
 
-def build(study: Study, out: Path) -> Document:
+def local(text: str) -> str:
+    """An absolute path in a data spec or store URI, shown relative to the working directory: a report
+    is read (and committed) elsewhere, where this machine's paths mean nothing."""
+    for prefix in ("imagefolder:", "sqlite:///", ""):
+        if text.startswith(prefix) and os.path.isabs(text[len(prefix):]):
+            return prefix + os.path.relpath(text[len(prefix):])
+    return text
+
+
+def provenance(runs: pd.DataFrame, smoke: bool, command: str, machine: str) -> dict[str, str]:
+    """The report's header: what ran, at which commit and budget, read from the runs (`command` and
+    `machine` are not in them: the caller says)."""
+    distinct = runs.drop_duplicates("run_id")
+
+    def of(model, column):
+        values = sorted(set(distinct.loc[distinct["model"] == model, column].dropna().astype(int)))
+        return "/".join(str(v) for v in values) or "none"
+
+    seeds = distinct.groupby("config_key")["seed"].nunique()
+    end = distinct["end_time"].max() if distinct["end_time"].notna().any() else distinct["start_time"].max()
+    return {"command": command, "commit": ", ".join(sorted(distinct["git_commit"].fillna("unknown").unique())),
+            "smoke": str(smoke).lower(), "mlp_epochs": of("mlp", "epochs"), "mlp_train_images": of("mlp", "train_images"),
+            "cnn_epochs": of("cnn", "epochs"), "cnn_train_images": of("cnn", "train_images"),
+            "seeds": "/".join(str(v) for v in sorted(set(seeds))), "wall_time": duration(
+                (end - distinct["start_time"].min()).total_seconds()), "machine": machine}
+
+
+def build(study: Study, out: Path, command: str = "unknown", machine: str = "unknown") -> Document:
+    study = dataclasses.replace(study, uri=local(study.uri), runs=study.runs.assign(
+        data=study.runs["data"].astype(str).map(local), data_dir=study.runs["data_dir"].astype(str).map(local)))
     every_run = tables.summarize_runs(study.runs, study.history)
     runs, _ = tables.usable(every_run)
     ctx = Context(study, Document(out), runs, study.history, every_run)
@@ -566,6 +597,8 @@ def build(study: Study, out: Path) -> Document:
     titles = [f"{i}. {title}" for i, (title, _) in enumerate(sections)]
 
     r = ctx.report
+    # YAML front matter: a script reads it, GitHub shows it as a table.
+    r.text("---\n" + "\n".join(f"{k}: {v}" for k, v in provenance(every_run, smoke, command, machine).items()) + "\n---")
     r.heading(1, "Study report: BatchNorm and Dropout in small vision models")
     if smoke:
         r.warning("**Smoke run: these numbers show that the pipeline works; they are not evidence.** The runs are "
@@ -606,9 +639,9 @@ def prepare_out(out: Path) -> None:
     (out / MARKER).write_text("written by python -m analysis report; the folder is replaced on each run\n")
 
 
-def write(study: Study, out: Path) -> Path:
+def write(study: Study, out: Path, command: str = "unknown", machine: str = "unknown") -> Path:
     prepare_out(out)
-    document = build(study, out)
+    document = build(study, out, command, machine)
     (out / "REPORT.md").write_text(document.markdown())
     (out / "REPORT.html").write_text(document.html("Study report"))
     return out / "REPORT.md"

@@ -5,6 +5,8 @@ import dataclasses
 import json
 import math
 import sys
+import time
+from pathlib import Path
 
 from tune.config import TrialConfig, UserError, field_help
 
@@ -40,11 +42,29 @@ def _fmt(v):
 
 
 def cmd_train(args) -> int:
+    import os
+
+    import torch
+
     from tune import data as datasets
+    from tune import record
     from tune.train import train
 
     cfg = config_from_args(args)
-    cfg = cfg.replace(data=datasets.resolve(cfg.data))
+    cfg = cfg.replace(data=datasets.resolve(cfg.data), data_dir=os.path.abspath(cfg.data_dir))
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UserError(f"--threads {args.threads} must be at least 1")
+        torch.set_num_threads(args.threads)
+    parts = [p for p in (args.parts or "").split(",") if p]
+    if args.experiment or parts:
+        from tune import catalogue
+
+        for name in [args.experiment, *parts]:
+            if name and (catalogue.get(name).parts or catalogue.get(name).search):
+                raise UserError(f"--experiment {name} is a composite or a search; name the grid experiment the run belongs to")
+    if (args.experiment or parts or args.resume) and not args.record:
+        raise UserError("--experiment, --parts and --resume describe a record; add --record DIR")
     dataset = datasets.load(cfg.data, cfg.data_dir)
     print(f"training {cfg.model} (dropout {cfg.dropout}, order {cfg.order}) for {cfg.epochs} epochs on {dataset.source}",
           file=sys.stderr)
@@ -56,7 +76,20 @@ def cmd_train(args) -> int:
               file=sys.stderr, flush=True)
         return False
 
-    result = train(cfg, dataset, on_epoch=progress)
+    if args.record:
+        from tune import tracking
+
+        experiment = args.experiment or (parts[0] if parts else None)
+        path = Path(args.record) / (record.name_for(experiment, cfg) + record.SUFFIX)
+        sizes = datasets.split(dataset, cfg.val_size, cfg.limit, cfg.eval_limit)
+        data = {"source": dataset.source, "digest": datasets.digest(dataset), "train_images": len(sizes.train_y),
+                "val_images": len(sizes.val_y), "test_images": len(sizes.test_y)}
+        head = record.header(cfg, experiment=experiment, parts=parts or None, data=data, threads=torch.get_num_threads(),
+                             git_commit=tracking.git_commit(), versions=tracking.versions(), smoke=args.smoke_record)
+        result = record.run(cfg, dataset, path, head, args.resume, args.checkpoint_every, progress)
+        print(f"record: {path}", file=sys.stderr)
+    else:
+        result = train(cfg, dataset, on_epoch=progress)
     if result["stopped_by"] == "error":
         print(f"training diverged: {result['reason']}", file=sys.stderr)
     print(json.dumps({**result, "config": cfg.to_dict()}))
@@ -86,6 +119,62 @@ def cmd_sweep(args) -> int:
     values = {k: v for k, v in vars(args).items() if k in fields}
     values["experiment"] = values["experiment"] or "report"
     return sweep.run(sweep.SweepArgs(**values))
+
+
+def cmd_import(args) -> int:
+    from tune import record, tracking
+
+    uri = tracking.resolve_uri(args.tracking_uri)
+    tracking.check_reachable(uri)
+    if args.experiment:
+        from tune import catalogue
+
+        catalogue.get(args.experiment)
+    records, bad = [], 0
+    for path in record.find(args.records):
+        try:
+            rec = record.read(path)
+        except record.RecordError as e:
+            print(f"skipped: {' '.join(str(e).split())}", file=sys.stderr)
+            bad += 1
+            continue
+        if not (rec.header.get("experiment") or args.experiment):
+            print(f"skipped: record {path} names no catalogue experiment; pass --experiment NAME for it", file=sys.stderr)
+            bad += 1
+            continue
+        records.append(rec)
+    client = tracking.client(uri)
+    sweep_id = args.sweep_id or f"import-{time.strftime('%Y%m%d-%H%M%S')}"
+    imported = 0
+    for rec in records:
+        run_id = tracking.import_record(client, uri, rec, sweep_id, args.experiment)
+        state = "already in the store" if run_id is None else (
+            f"run {run_id[:8]}" + ("" if rec.finished else f", killed after epoch {len(rec.epochs)}: imported up to it"))
+        print(f"{rec.path.name}: {state}", file=sys.stderr)
+        imported += run_id is not None
+    print(f"imported {imported} of {len(records) + bad} records into {uri}" + (f"; {bad} skipped" if bad else ""),
+          file=sys.stderr)
+    return 2 if bad else 0
+
+
+def cmd_export(args) -> int:
+    from analysis.fetch import study_experiments
+    from tune import tracking
+
+    uri = tracking.resolve_uri(args.tracking_uri)
+    tracking.check_reachable(uri)
+    paths = tracking.export_records(tracking.client(uri), study_experiments(), args.sweep_id, Path(args.out))
+    if not paths:
+        raise UserError(f"no trial runs of sweep {args.sweep_id!r} in {uri}; check --sweep-id and --tracking-uri")
+    print(f"wrote {len(paths)} records of sweep {args.sweep_id} to {args.out}", file=sys.stderr)
+    return 0
+
+
+def cmd_study(args) -> int:
+    from tune import fanout
+
+    fields = {f.name for f in dataclasses.fields(fanout.StudyArgs)}
+    return fanout.run(fanout.StudyArgs(**{k: v for k, v in vars(args).items() if k in fields}))
 
 
 def add_sweep_options(p: argparse.ArgumentParser) -> None:
@@ -141,12 +230,56 @@ def build_parser() -> Parser:
                              description="Train one config without Ray. Progress goes to stderr, one line per epoch; "
                                          "the last stdout line is a JSON object with the best epoch's metrics and the config.")
     add_config_options(train_p)
+    train_p.add_argument("--threads", type=int, help="torch threads (default: torch's; results are bit-identical only "
+                                                     "at the same count, and a sweep trial runs one per CPU)")
+    train_p.add_argument("--record", metavar="DIR", help="also write a run record into DIR as the run goes, for "
+                                                         "`python -m tune import` (see README: Train anywhere)")
+    train_p.add_argument("--experiment", help="with --record: the catalogue experiment the run belongs to")
+    train_p.add_argument("--parts", help=argparse.SUPPRESS)  # the study runner: every experiment a shared trial serves
+    train_p.add_argument("--smoke-record", action="store_true", help=argparse.SUPPRESS)
+    train_p.add_argument("--resume", action="store_true", help="with --record: continue the record's run from its "
+                                                               "last saved state")
+    train_p.add_argument("--checkpoint-every", type=int, default=10,
+                         help="with --record: epochs between saved states, for --resume (default: 10)")
     train_p.set_defaults(run=cmd_train)
     sweep_p = sub.add_parser("sweep", help="run a catalogue experiment as concurrent Ray Tune trials, logged to MLflow",
                              description="Run a catalogue experiment on Ray Tune (locally, or on the cluster at "
                                          "--address / RAY_ADDRESS). Every trial is one MLflow run.")
     add_sweep_options(sweep_p)
     sweep_p.set_defaults(run=cmd_sweep)
+    study_p = sub.add_parser("study", help="run a grid experiment's trials as plain processes, one run record each (no "
+                                           "Ray, no MLflow), packed onto the GPUs found",
+                             description="Run every distinct trial of a catalogue experiment (the ones `sweep` would "
+                                         "run, each to its end) as `tune train --record` processes. A second run of "
+                                         "the same command skips finished records and continues cut-short ones.")
+    study_p.add_argument("experiment", help="catalogue grid experiment (see `list`), e.g. report")
+    study_p.add_argument("--record", required=True, metavar="DIR", help="folder for the run records (and their logs)")
+    study_p.add_argument("--smoke", action="store_true", help="tiny sizes, as for sweep")
+    study_p.add_argument("--seeds", type=int, default=1, help="seeds per configuration (default: 1)")
+    study_p.add_argument("--set", action="append", metavar="KEY=VALUE", help="as for sweep")
+    study_p.add_argument("--grid", action="append", metavar="KEY=V1,V2", help="as for sweep")
+    study_p.add_argument("--data", help="dataset for every trial (default: cifar10)")
+    study_p.add_argument("--per-gpu", type=int, default=4, help="trials at once on each GPU (default: 4)")
+    study_p.add_argument("--workers", type=int, help="trials at once without GPUs (default: CPUs / --threads)")
+    study_p.add_argument("--threads", type=int, default=1, help="torch threads per trial (default: 1, as a sweep trial)")
+    study_p.add_argument("--checkpoint-every", type=int, default=10, help="epochs between saved states (default: 10)")
+    study_p.add_argument("--limit-trials", type=int, help="only the first N trials (for trying it out)")
+    study_p.set_defaults(run=cmd_study)
+    import_p = sub.add_parser("import", help="log run records (train --record, study, export) into MLflow as sweep runs",
+                              description="Log run records into MLflow with the schema of sweep trials, so `make "
+                                          "report` reads them like any sweep. Importing a record twice adds nothing. "
+                                          "A damaged record is skipped with one line (exit 2 once the rest are in); "
+                                          "a killed run's record is imported up to its last complete epoch.")
+    import_p.add_argument("records", nargs="+", metavar="PATH", help="record files, or folders of *.jsonl records")
+    import_p.add_argument("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)")
+    import_p.add_argument("--sweep-id", help="the sweep_id of records that carry none (default: import-DATE-TIME)")
+    import_p.add_argument("--experiment", help="the catalogue experiment of records that name none (a lone train run)")
+    import_p.set_defaults(run=cmd_import)
+    export_p = sub.add_parser("export", help="write a sweep's runs as run records (what docs/study/records holds)")
+    export_p.add_argument("--sweep-id", required=True, help="the sweep to export")
+    export_p.add_argument("--out", required=True, metavar="DIR", help="folder for the records")
+    export_p.add_argument("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)")
+    export_p.set_defaults(run=cmd_export)
     list_p = sub.add_parser("list", help="print the experiment catalogue")
     list_p.set_defaults(run=cmd_list)
     return parser

@@ -86,7 +86,7 @@ def read(path: Path) -> Record:
     try:
         lines = path.read_text().splitlines()
     except (OSError, UnicodeDecodeError) as e:
-        raise RecordError(f"record {path} cannot be read ({e}); pass a record file or a folder of *{SUFFIX} records")
+        raise RecordError(f"record {path} cannot be read ({e}); pass a record file or a folder of *{SUFFIX} records") from None
     try:
         head = json.loads(lines[0]) if lines else None
     except json.JSONDecodeError:
@@ -129,3 +129,39 @@ def find(paths: list[str]) -> list[Path]:
     if not out:
         raise RecordError(f"no *{SUFFIX} records in {', '.join(paths)}")
     return out
+
+
+def state_path(path: Path) -> Path:
+    return path.with_name(path.stem + ".state.pt")
+
+
+def run(cfg: TrialConfig, dataset, path: Path, head: dict, resume: bool = False, checkpoint_every: int = 10,
+        on_epoch=None) -> dict:
+    """Train `cfg`, writing its record at `path` as it goes; with `resume`, continue the record's run from
+    its last saved state (`<name>.state.pt`, every `checkpoint_every` epochs). Returns train()'s result."""
+    import torch
+
+    from tune.train import train
+
+    state, keep = None, None
+    if resume and path.exists():
+        old = read(path)
+        if old.finished:
+            raise RecordError(f"record {path} is finished; nothing to resume (remove it to train again)")
+        if state_path(path).exists():
+            state = torch.load(state_path(path), weights_only=True)
+            keep, head = old.epochs[:state["epoch"]], old.header
+    writer = RecordWriter(path, head, keep)
+
+    def each_epoch(metrics: dict, snapshot: dict) -> bool:
+        writer.epoch(metrics)
+        if not metrics["final"] and metrics["epoch"] % checkpoint_every == 0:
+            tmp = state_path(path).with_suffix(".tmp")
+            torch.save(snapshot, tmp)
+            tmp.replace(state_path(path))
+        return bool(on_epoch and on_epoch(metrics, snapshot))
+
+    result = train(cfg, dataset, state, each_epoch)
+    writer.finish(result)
+    state_path(path).unlink(missing_ok=True)  # a finished record needs no state: records stay small
+    return result

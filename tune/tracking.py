@@ -182,3 +182,70 @@ def finish_run(mlflow_client, run_id: str, stopped_by: str, reason: str = "") ->
         mlflow_client.set_tag(run_id, "stop_reason", reason[:4000])
     status = {"error": "FAILED", "killed": "KILLED"}.get(stopped_by, "FINISHED")
     mlflow_client.set_terminated(run_id, status=status)
+
+
+def import_record(mlflow_client, uri: str, rec, sweep_id: str, experiment: str | None = None) -> str | None:
+    """Log one run record (tune.record) as a sweep trial's run; None if this record is already in the store."""
+    from tune import catalogue
+
+    head = rec.header
+    experiment = head.get("experiment") or experiment
+    if not experiment:
+        raise UserError(f"record {rec.path} names no catalogue experiment; pass --experiment NAME for it")
+    catalogue.get(experiment)
+    parts = head.get("parts") or [experiment]
+    exp = mlflow_client.get_experiment_by_name(experiment)
+    if exp is not None and mlflow_client.search_runs([exp.experiment_id], f"tags.record_id = '{head['id']}'", max_results=1):
+        return None
+    data = head.get("data", {})
+    # The runner runs every trial to its end (FIFO); a record exported from a sweep keeps its schedulers.
+    schedulers = head.get("scheduler") or ["fifo"] * len(parts)
+    tags = {"sweep_id": head.get("sweep_id") or sweep_id, "trial_id": head["id"][:12], "record_id": head["id"],
+            "git_commit": head["git_commit"], "versions": head["versions"], "parts": ",".join(parts),
+            "scheduler": ",".join(schedulers), "node_id": head.get("host", "unknown"),
+            "train_images": str(data.get("train_images", "")), "val_images": str(data.get("val_images", "")),
+            "test_images": str(data.get("test_images", "")), "smoke": str(bool(head.get("smoke"))).lower(),
+            "data_digest": data.get("digest", ""), "threads": str(head.get("threads", "")),
+            "run_name": f"{experiment}-{head['id'][:8]}"}
+    run = TrialRun.open(uri, experiment, rec.config, tags)
+    for metrics in rec.epochs:
+        run.log_epoch(metrics)
+    if rec.end is None:
+        run.finish("killed", f"the record ends after epoch {len(rec.epochs)}: its run was killed")
+    else:
+        run.finish(rec.end["stopped_by"], rec.end.get("reason", ""))
+    return run.run_id
+
+
+def export_records(mlflow_client, experiments: list[str], sweep_id: str, out: Path) -> list[Path]:
+    """The runs of one sweep as run records (tune.record), so the study can be rebuilt without the store."""
+    from tune import record
+
+    written = []
+    for run in sweep_runs(mlflow_client, experiments, sweep_id):
+        tags = run.data.tags
+        if "trial_id" not in tags:
+            continue
+        cfg = TrialConfig.from_dict({k: v for k, v in run.data.params.items() if k in TrialConfig.__dataclass_fields__})
+        history: dict[int, dict] = {}
+        for key in dict.fromkeys(EPOCH_METRICS + BEST_METRICS):
+            for m in mlflow_client.get_metric_history(run.info.run_id, key):
+                history.setdefault(m.step, {})[key] = m.value
+        epochs = [{"epoch": step, **values, "improved": "test_acc" in values} for step, values in sorted(history.items())]
+        data = {"source": cfg.data, "digest": tags.get("data_digest", ""), **{
+            k: int(tags[k]) for k in ("train_images", "val_images", "test_images") if tags.get(k)}}
+        head = {**record.header(cfg, experiment=tags["experiment"], parts=tags.get("parts", "").split(",") or None,
+                                data=data, threads=int(tags.get("threads") or 0), git_commit=tags.get("git_commit", ""),
+                                versions=tags.get("versions", ""), smoke=tags.get("smoke") == "true"),
+                "id": run.info.run_id, "sweep_id": sweep_id, "host": tags.get("node_id", "unknown"),
+                "scheduler": tags.get("scheduler", "fifo").split(",")}
+        path = out / (record.name_for(tags["experiment"], cfg) + record.SUFFIX)
+        writer = record.RecordWriter(path, head, [{"kind": "epoch", **e} for e in epochs])
+        end = {"stopped_by": tags.get("stopped_by", "killed"), "reason": tags.get("stop_reason", ""),
+               "epochs_run": max(history, default=0)}
+        if end["stopped_by"] == "killed":
+            writer.file.close()
+        else:
+            writer.finish({**end, **{k: run.data.metrics[k] for k in BEST_METRICS if k in run.data.metrics}})
+        written.append(path)
+    return written
