@@ -20,7 +20,7 @@ from tune.config import ConfigError, TrialConfig, UserError
 
 HISTORY_KEYS = tuple(dict.fromkeys(tracking.EPOCH_METRICS + tracking.BEST_METRICS))
 TAGS = ("sweep_id", "experiment", "trial_id", "config_key", "git_commit", "stopped_by", "stop_reason",
-        "versions", "node_id", "scheduler", "parts", "smoke", "train_images")
+        "versions", "node_id", "scheduler", "parts", "smoke", "train_images", "network")
 NO_SWEEP = "(no sweep_id)"
 # Limits of the tracking server's bulk-history endpoint (mlflow/server/handlers.py).
 REST_MAX_RUNS, REST_MAX_POINTS = 100, 25000

@@ -23,7 +23,7 @@ from analysis.fetch import Study
 from analysis.figures import Line, Panel
 from analysis.tables import ALPHA, CONFIDENCE, Comparison
 from tune import catalogue
-from tune.config import TrialConfig, UserError
+from tune.config import UserError
 
 MARKER = ".analysis-report"
 MODEL_NAMES = {"mlp": "MLP", "cnn": "CNN"}
@@ -289,11 +289,8 @@ def section_ablation(ctx: Context, exp: catalogue.Experiment) -> None:
 
 
 def module_text(row: pd.Series) -> str:
-    from models import build_model
-
-    cfg = TrialConfig.from_dict({f: row[f] for f in TrialConfig.__dataclass_fields__ if f in row})
-    return str(build_model(cfg.model, order=cfg.order, dropout=cfg.dropout, dropout_kind=cfg.dropout_kind,
-                           hidden=cfg.hidden, channels=cfg.conv_channels, kernels=cfg.conv_kernels))
+    """The network the run trained, as it logged it."""
+    return row["network"] or "(not logged: a run from before runs logged their network)"
 
 
 def section_orders(ctx: Context, exp: catalogue.Experiment) -> None:

@@ -7,6 +7,7 @@ Seeds of one configuration share a config_key; every statistic is over seeds.
 """
 
 import math
+import re
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -14,6 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 from scipy import stats
+
+from tune.config import best_index, has_layer
 
 CONFIDENCE = 0.95
 ALPHA = 0.05
@@ -111,8 +114,7 @@ def summarize_runs(runs: pd.DataFrame, history: pd.DataFrame) -> pd.DataFrame:
     tie, as the trainer picks), val_acc_at_min, final_train_loss/acc, compute_seconds.
     Test metrics stay the run's latest logged ones: those of its best-validation epoch so far."""
     h = history[history["val_loss"].notna()].sort_values(["run_id", "epoch"])
-    at_min = (h.sort_values(["run_id", "val_loss", "epoch"], ascending=[True, True, False])
-              .drop_duplicates("run_id").set_index("run_id"))
+    at_min = h.loc[[g.index[best_index(g["val_loss"])] for _, g in h.groupby("run_id")]].set_index("run_id")
     last = h.drop_duplicates("run_id", keep="last").set_index("run_id")
     per_run = pd.DataFrame({
         "epochs_run": h.groupby("run_id")["epoch"].max(),
@@ -140,14 +142,9 @@ def usable(runs: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     return runs[~bad].reset_index(drop=True), runs[bad].reset_index(drop=True)
 
 
-def has_token(order: str, token: str) -> bool:
-    return token in order.split(",")
-
-
 def with_layer(runs: pd.DataFrame, token: str) -> pd.Series:
-    """Whether each run has the layer: its token is in the order (and, for dropout, the rate is above 0)."""
-    has = runs["order"].map(lambda o: has_token(o, token))
-    return has & (runs["dropout"] > 0) if token == "dropout" else has
+    """Whether each run has the layer (tune.config.has_layer)."""
+    return pd.Series([has_layer(o, token, d) for o, d in zip(runs["order"], runs["dropout"])], index=runs.index, dtype=bool)
 
 
 def stop_summary(runs: pd.DataFrame) -> str:
@@ -248,13 +245,14 @@ def _distinct(runs: pd.DataFrame, values: pd.Series, fmt=str) -> str:
 
 def setup_table(runs: pd.DataFrame) -> pd.DataFrame:
     """The settings the runs used, read from their params: (setting, applies to, value)."""
-    from models.nets import POOL
-
     def count(n):
         return "all" if int(n) == 0 else str(int(n))
 
     cnn, mlp = runs[runs["model"] == "cnn"], runs[runs["model"] == "mlp"]
-    pool = f"MaxPool2d(kernel_size={POOL['kernel_size']}, stride={POOL['stride']}, padding={POOL['padding']})"
+    # What the runs logged, not what today's models/ would build.
+    logged = cnn.get("network", pd.Series(dtype=object)).dropna()
+    pools = sorted({m for text in logged for m in re.findall(r"MaxPool2d\([^)]*\)", text)})
+    pool = ", ".join(pools) or "not logged (runs from before runs logged their network)"
     rows = [("batch size", "all", _distinct(runs, runs["batch_size"])),
             ("epochs", "all", _distinct(runs, runs["epochs"])),
             ("learning rate (Adam)", "all", _distinct(runs, runs["lr"], lambda v: f"{v:.3g}")),

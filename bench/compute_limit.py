@@ -38,7 +38,6 @@ def timed_training(cfg: TrialConfig, dataset, flops_train_step: int, flops_eval_
 
     def on_epoch(metrics, _state):
         improved.append(metrics["improved"])
-        return False
 
     t0 = time.perf_counter()
     train(cfg, dataset, on_epoch=on_epoch, build=common.torch_layers_model if torch_layers else build_model)

@@ -115,7 +115,6 @@ def worker(spec: dict, barrier, results) -> None:
 
     def on_epoch(metrics, state):
         stamps.append(time.time())
-        return False
 
     train(cfg, dataset, on_epoch=on_epoch, build=build)
     n_train = min(cfg.limit or N_TRAIN - N_VAL, N_TRAIN - N_VAL)

@@ -90,7 +90,6 @@ def bare(cfg_dict: dict, threads: int, go_file: str) -> dict:
 
     def on_epoch(metrics, _state):
         epochs.append(metrics["epoch_seconds"])
-        return False
 
     t0 = time.perf_counter()
     train(cfg, dataset, on_epoch=on_epoch)

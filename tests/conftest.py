@@ -20,7 +20,10 @@ def hermetic_env(monkeypatch):
 @pytest.fixture(scope="session")
 def shared_archive() -> Path:
     if not SHARED_ARCHIVE.is_file():
-        pytest.fail(f"the shared CIFAR-10 archive is missing at {SHARED_ARCHIVE}; set CIFAR10_JPG to its path")
+        why = f"the shared CIFAR-10 archive is missing at {SHARED_ARCHIVE}; set CIFAR10_JPG to its path"
+        if os.environ.get("CI") == "true":
+            pytest.fail(why)  # CI has ../shared beside the clone: a missing archive there is a broken setup
+        pytest.skip(why)
     return SHARED_ARCHIVE
 
 

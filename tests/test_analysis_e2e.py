@@ -73,7 +73,9 @@ def test_tables_hold_what_mlflow_holds(swept, logged):
         # The Markdown rows, formatted from the same numbers.
         assert table_row(rate, f"{v['min_val_loss']:.4f}", v["min_val_epoch"]).search(md), rate
         assert table_row("MLP", rate, v["min_val_epoch"], f"{v['test_loss']:.4f}", f"{v['test_acc'] * 100:.2f}").search(md)
-        assert v["stopped_by"] in md
+        label = (f"completed ({v['epochs']} epochs)" if v["stopped_by"] == "completed"
+                 else f"{v['stopped_by']} at epoch {v['epochs']}")
+        assert test.set_index("dropout").loc[rate, "stopped"] == label, rate
     assert "no significance can be claimed" in md
     inventory = pd.read_csv(out / "tables" / "inventory.csv")
     assert inventory["runs"].tolist() == [len(RATES)] and inventory["data"].tolist() == ["synthetic"]

@@ -16,6 +16,7 @@ import pytest
 from conftest import PYTHON, ROOT
 from tune.config import TrialConfig
 from tune.tracking import BEST_METRICS, EPOCH_METRICS, TrialRun, client
+from tune.train import network
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -42,7 +43,7 @@ def log_fake_run(uri: str, experiment: str, cfg: TrialConfig, sweep_id: str, tri
     epochs_run = cfg.epochs if epochs_run is None else epochs_run
     run = TrialRun.open(uri, experiment, cfg, {"sweep_id": sweep_id, "trial_id": trial_id, "git_commit": "0123456789abcdef",
                                                "versions": "torch=2.14.1 mlflow=3.17.2", "scheduler": scheduler,
-                                               "node_id": "node-a", **(tags or {})})
+                                               "node_id": "node-a", "network": str(network(cfg)), **(tags or {})})
     c = fake_curves(cfg, epochs_run)
     metrics, best, t0 = [], {"best_val_loss": math.inf}, int(time.time() * 1000)
     for i in range(epochs_run):
@@ -148,7 +149,8 @@ def test_scheduler_stops_are_marked_and_counted(written):
     assert list(winners["experiment"]) == ["dropout-mlp"] and winners["fifo_sweep"].iloc[0] == "s1-fifo"
     # The stopped trials' test metrics are their best so far, as the test results table shows.
     test_all = pd.read_csv(out / "tables" / "test_all.csv")
-    assert (test_all.loc[test_all["dropout"] == 0.9, "stopped"] == "2x scheduler at epoch 2").all()
+    stopped = test_all[test_all["dropout"] == 0.9]
+    assert len(stopped) == 2 and (stopped["stopped"] == "2x scheduler at epoch 2").all()  # the MLP's and the CNN's
 
 
 def test_order_section_prints_the_modules(written):

@@ -170,14 +170,20 @@ def test_scheduler_efficiency_and_winners(sweep):
 
 def test_setup_table_reads_the_params(sweep):
     runs, _ = sweep
-    cnn = runs.iloc[[0]].assign(model="cnn", channels="32,64", kernels="3,7", experiment="dropout-cnn", batch_size=50)
+    logged = "Sequential(\n  (0): Conv2d(...)\n  (3): MaxPool2d(kernel_size=2, stride=2, padding=1, dilation=1)\n)"
+    cnn = runs.iloc[[0]].assign(model="cnn", channels="32,64", kernels="3,7", experiment="dropout-cnn", batch_size=50,
+                                network=logged)
     setup = tables.setup_table(pd.concat([runs.assign(channels="64,128", kernels="3,5", batch_size=100), cnn]).assign(
         hidden=1024, data="synthetic", val_size=500, limit=0, eval_limit=300, normalize="center", select_by="val_loss",
         patience=0)).set_index("setting")["value"]
     assert setup["batch size"] == "100 (dropout-mlp); 50 (dropout-cnn)"
     assert setup["paddings (kernel // 2)"] == "1,3" and setup["channels per conv block"] == "32,64"
     assert setup["split: training images (limit)"] == "all" and setup["seeds"] == "0, 1"
-    assert "padding=1" in setup["pooling (after each block)"]
+    # the pooling the runs logged, not the one today's code would build
+    assert setup["pooling (after each block)"] == "MaxPool2d(kernel_size=2, stride=2, padding=1, dilation=1)"
+    unlogged = tables.setup_table(cnn.assign(network=None, hidden=1024, data="synthetic", val_size=500, limit=0,
+                                             eval_limit=300, normalize="center", select_by="val_loss", patience=0))
+    assert unlogged.set_index("setting").loc["pooling (after each block)", "value"].startswith("not logged")
 
 
 def test_select_runs_latest_sweep_one_sweep_or_pooled():
@@ -187,13 +193,14 @@ def test_select_runs_latest_sweep_one_sweep_or_pooled():
         {"run_id": "new0", "sweep_id": "s2", "start_time": t(2), "seed": 0},
         {"run_id": "new1", "sweep_id": "s2", "start_time": t(2), "seed": 1},
         {"run_id": "cnn0", "sweep_id": "s1", "start_time": t(1), "experiment": "dropout-cnn", "model": "cnn"},
+        {"run_id": "old2", "sweep_id": "s1", "start_time": t(1), "seed": 2},  # a seed only the older sweep ran
     ])
     latest, _ = fetch.select_runs(runs)
     assert sorted(latest["run_id"]) == ["cnn0", "new0", "new1"]
     one, _ = fetch.select_runs(runs, sweep="s1")
-    assert sorted(one["run_id"]) == ["cnn0", "old0"]
+    assert sorted(one["run_id"]) == ["cnn0", "old0", "old2"]
     pooled, _ = fetch.select_runs(runs, pool=True)
-    assert sorted(pooled["run_id"]) == ["cnn0", "new0", "new1"]  # old0 is new0's configuration and seed
+    assert sorted(pooled["run_id"]) == ["cnn0", "new0", "new1", "old2"]  # old0 is new0's configuration and seed
 
 
 def test_history_frame_keeps_the_latest_of_a_relogged_point():

@@ -117,3 +117,24 @@ def test_a_trial_asha_cut_is_pruned_not_completed():
     states = [t.state for t in s._ot_study.trials]
     assert states == [optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.COMPLETE]
     assert s._ot_study.trials[1].value == 1.2
+
+
+def test_every_trial_config_round_trips_through_dict_and_mlflow_params():
+    from tune.config import TrialConfig
+
+    for t in catalogue.expand("report", seeds=2) + catalogue.expand("dropout-kind") + catalogue.expand("order-all"):
+        cfg = t.config
+        assert TrialConfig.from_dict(cfg.to_dict()) == cfg
+        as_params = {k: str(v) for k, v in cfg.to_dict().items()}  # what MLflow hands back
+        assert TrialConfig.from_dict(as_params) == cfg and TrialConfig.from_dict(as_params).key() == cfg.key()
+
+
+def test_overrides_scoped_to_a_model_touch_only_that_model():
+    sets = catalogue.parse_assignments(["epochs=7", "cnn.channels=8,8", "mlp.hidden=16"], "--set")
+    assert catalogue.apply_overrides({"model": "mlp", "hidden": 1024}, sets) == {"model": "mlp", "hidden": "16",
+                                                                                 "epochs": "7"}
+    assert catalogue.apply_overrides({"model": "cnn"}, sets) == {"model": "cnn", "epochs": "7", "channels": "8,8"}
+    with pytest.raises(UserError, match="unknown config key 'warmup'"):
+        catalogue.parse_assignments(["warmup=3"], "--set")
+    with pytest.raises(UserError, match="is not key=value"):
+        catalogue.parse_assignments(["epochs"], "--set")

@@ -1,6 +1,7 @@
 """The real entry points, in subprocesses, with tiny sizes."""
 
 import json
+import re
 import subprocess
 
 import pytest
@@ -28,33 +29,18 @@ def test_train_cli_on_real_data(shared_archive, data_dir):
     assert len(epoch_lines) == 2
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["--dropout", "1.2"], "dropout"),
-    (["--order", "bn,relu,dropout,pool,bogus"], "order"),
-    (["--model", "cnn", "--order", "bn,dropout,pool"], "relu"),
-    (["--epochs", "0"], "epochs"),
-    (["--batch-size", "-5"], "batch_size"),
-    (["--data", "imagefolder:/nonexistent/cifar.tar.gz"], "does not exist"),
-    (["--bogus-flag", "1"], "unknown arguments"),
-    (["--model", "transformer"], "model"),
-])
-def test_bad_input_is_one_line_and_exit_2(args, needle):
-    p = run("tune", "train", "--data", "synthetic", "--epochs", "1", *args)
-    assert p.returncode == 2, p.stderr
-    assert "Traceback" not in p.stderr
-    lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1 and needle in lines[0], p.stderr
-    assert p.stdout == ""
-
-
 def test_help_documents_every_option():
     import dataclasses
 
-    from tune.config import TrialConfig
+    from tune.config import TrialConfig, field_help
 
     p = run("tune", "train", "--help")
     assert p.returncode == 0
+    docs, text = field_help(), " ".join(p.stdout.split())
     for f in dataclasses.fields(TrialConfig):
-        assert "--" + f.name.replace("_", "-") in p.stdout
+        flag = "--" + f.name.replace("_", "-")
+        # the flag itself (--data is not --data-dir), with its field's docstring as help
+        assert re.search(rf"^\s+{re.escape(flag)}[\s,]", p.stdout, re.M), flag
+        assert docs[f.name][:40] in text, flag
     top = run("tune", "--help")
     assert top.returncode == 0 and "train" in top.stdout

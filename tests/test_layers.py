@@ -104,7 +104,13 @@ def test_train_eval_switch_reaches_every_layer():
     model.eval()
     a, b = model(x), model(x)
     assert torch.equal(a, b)  # eval: no dropout, running statistics
+    # eval: our BatchNorm uses its running statistics, so an image's output does not depend on its batch
+    torch.testing.assert_close(model(x[:1]), a[:1])
     model.train()
     c, d = model(x), model(x)
     assert not torch.equal(c, d)  # train: fresh dropout masks
-    assert not any(m.training for m in model.eval().modules())
+    # back in eval (running statistics moved on in train): deterministic and batch-independent again
+    model.eval()
+    e = model(x)
+    assert torch.equal(e, model(x)) and not torch.equal(e, a)
+    torch.testing.assert_close(model(x[1:2]), e[1:2])

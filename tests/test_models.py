@@ -25,17 +25,16 @@ def test_every_cnn_order_and_kind_runs(order, kind):
     out = model(torch.randn(2, 3, 32, 32))
     assert out.shape == (2, 10)
     types = [type(m) for m in model[0]]
-    tokens = order.split(",")
-    assert len(types) == 1 + len(tokens)
-    if "dropout" in tokens:
-        assert (Dropout2d if kind == "channel" else Dropout) in types
+    layer = {"bn": BatchNorm2d, "relu": nn.ReLU, "pool": nn.MaxPool2d, "dropout": Dropout2d if kind == "channel" else Dropout}
+    assert types[1:] == [layer[t] for t in order.split(",")]  # the layers in the order asked for
 
 
 @pytest.mark.parametrize("order", ["bn,relu,dropout", "relu,bn,dropout", "relu,dropout", "bn,relu", "relu"])
 def test_mlp_orders(order):
     model = build_model("mlp", order=order, dropout=0.2)
     assert model(torch.randn(3, 3, 32, 32)).shape == (3, 10)
-    assert (BatchNorm1d in {type(m) for m in model}) == ("bn" in order)
+    layer = {"bn": BatchNorm1d, "relu": nn.ReLU, "dropout": Dropout}
+    assert [type(m) for m in model][2:2 + len(order.split(","))] == [layer[t] for t in order.split(",")]
 
 
 def test_default_cnn_is_the_study_network():

@@ -18,15 +18,13 @@ def test_mlp_learns_real_cifar_in_one_epoch(cifar):
 SMALL = dict(model="mlp", hidden=64, epochs=3, batch_size=50, device="cpu", data="synthetic", val_size=500)
 
 
-def _history(cfg, dataset, state=None, stop_after=None, saved=None):
+def _history(cfg, dataset, state=None, save_at=None, saved=None):
     seen = []
 
     def on_epoch(metrics, snapshot):
         seen.append({k: v for k, v in metrics.items() if k != "epoch_seconds"})
-        if stop_after and metrics["epoch"] == stop_after:
+        if save_at and metrics["epoch"] == save_at:
             saved.append(_roundtrip(snapshot))
-            return True
-        return False
 
     result = train(cfg, dataset, state=state, on_epoch=on_epoch)
     return seen, result
@@ -56,13 +54,12 @@ def test_same_seed_same_metrics(model):
 def test_resume_from_saved_state_is_exact(model):
     ds = data.synthetic(n_train=600, n_test=200)
     cfg = TrialConfig(**{**SMALL, "model": model, "channels": "8,8"})
-    straight, result = _history(cfg, ds)
     saved = []
-    first, _ = _history(cfg, ds, stop_after=1, saved=saved)
+    straight, result = _history(cfg, ds, save_at=1, saved=saved)
     # a fresh process would start with other RNG states: scramble ours
     torch.manual_seed(12345)
     rest, resumed = _history(cfg, ds, state=saved[0])
-    assert first + rest == straight
+    assert straight[:1] + rest == straight and len(rest) == cfg.epochs - 1
     assert resumed["best_val_loss"] == result["best_val_loss"] and resumed["test_acc"] == result["test_acc"]
 
 

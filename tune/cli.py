@@ -48,7 +48,7 @@ def cmd_train(args) -> int:
 
     from tune import data as datasets
     from tune import record
-    from tune.train import train
+    from tune.train import network, train
 
     cfg = config_from_args(args)
     cfg = cfg.replace(data=datasets.resolve(cfg.data), data_dir=os.path.abspath(cfg.data_dir))
@@ -74,7 +74,6 @@ def cmd_train(args) -> int:
         mark = " *" if metrics["improved"] else ""
         print(f"epoch {metrics['epoch']:>3}/{cfg.epochs} " + " ".join(f"{k} {_fmt(metrics[k])}" for k in keys) + mark,
               file=sys.stderr, flush=True)
-        return False
 
     if args.record:
         from tune import tracking
@@ -85,7 +84,8 @@ def cmd_train(args) -> int:
         data = {"source": dataset.source, "digest": datasets.digest(dataset), "train_images": len(sizes.train_y),
                 "val_images": len(sizes.val_y), "test_images": len(sizes.test_y)}
         head = record.header(cfg, experiment=experiment, parts=parts or None, data=data, threads=torch.get_num_threads(),
-                             git_commit=tracking.git_commit(), versions=tracking.versions(), smoke=args.smoke_record)
+                             git_commit=tracking.git_commit(), versions=tracking.versions(), smoke=args.smoke_record,
+                             network=str(network(cfg)))
         result = record.run(cfg, dataset, path, head, args.resume, args.checkpoint_every, progress)
         print(f"record: {path}", file=sys.stderr)
     else:

@@ -145,10 +145,33 @@ class TrialConfig:
     def replace(self, **changes) -> "TrialConfig":
         return dataclasses.replace(self, **changes)
 
+    def has_layer(self, token: str) -> bool:
+        return has_layer(self.order, token, self.dropout)
+
     def key(self) -> str:
         """A stable hash of the config without its seed: the seeds of one configuration share it."""
         values = {k: v for k, v in self.to_dict().items() if k != "seed"}
         return hashlib.sha1(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def improves(value: float, best: float, mode: str) -> bool:
+    """The best-epoch rule: a value at least as good as the best so far wins, so ties go to the later epoch."""
+    return value <= best if mode == "min" else value >= best
+
+
+def best_index(values, mode: str = "min") -> int:
+    """The index of the best value by `improves`, scanning in epoch order."""
+    best, at = None, -1
+    for i, v in enumerate(values):
+        if best is None or improves(v, best, mode):
+            best, at = v, i
+    return at
+
+
+def has_layer(order: str, token: str, dropout: float) -> bool:
+    """Whether a network has the layer: its token is in the order, and for dropout the rate is above 0
+    (a rate of 0 makes the dropout layer the identity)."""
+    return token in order.split(",") and (token != "dropout" or dropout > 0)
 
 
 def _int_list(name: str, text: str) -> tuple[int, ...]:

@@ -10,6 +10,7 @@ A dataset is named by a string:
 import contextlib
 import hashlib
 import io
+import math
 import os
 import sys
 import tarfile
@@ -47,7 +48,7 @@ class Dataset:
     source: str
     from_cache: bool = False
     poison: bool = False
-    """synthetic:nan: the first training batch holds a NaN, so training diverges for certain."""
+    """synthetic:nan: its inputs normalize to NaN, so training diverges for certain."""
 
 
 @dataclass
@@ -60,6 +61,17 @@ class Split:
     val_y: np.ndarray
     test_x: np.ndarray
     test_y: np.ndarray
+    poison: bool = False
+
+    def normalization(self, kind: str) -> tuple[list[float], list[float]]:
+        """Per-channel (mean, 1/std) for the inputs: center is the study's (x - 128) / 255, standardize
+        the training split's own statistics. A poisoned source scales by NaN: its loss diverges at once."""
+        if kind == "center":
+            mean, inv_std = [128.0] * 3, [1 / 255] * 3
+        else:
+            pixels = self.train_x.transpose(1, 0, 2, 3).reshape(3, -1)
+            mean, inv_std = list(pixels.mean(axis=1, dtype=np.float64)), list(1 / pixels.std(axis=1, dtype=np.float64))
+        return mean, [math.nan] * 3 if self.poison else inv_std
 
 
 def split(ds: Dataset, val_size: int, limit: int = 0, eval_limit: int = 0) -> Split:
@@ -74,7 +86,7 @@ def split(ds: Dataset, val_size: int, limit: int = 0, eval_limit: int = 0) -> Sp
     return Split(
         ds.train_x[:n_train], ds.train_y[:n_train],
         ds.train_x[val], ds.train_y[val],
-        ds.test_x[:n_eval], ds.test_y[:n_eval],
+        ds.test_x[:n_eval], ds.test_y[:n_eval], ds.poison,
     )
 
 

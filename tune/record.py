@@ -74,10 +74,10 @@ class RecordWriter:
 
 
 def header(cfg: TrialConfig, *, experiment: str | None, parts: list[str] | None, data: dict, threads: int,
-           git_commit: str, versions: str, smoke: bool = False) -> dict:
+           git_commit: str, versions: str, smoke: bool = False, network: str = "") -> dict:
     return {"id": uuid.uuid4().hex, "experiment": experiment, "parts": parts or ([experiment] if experiment else []),
             "config": cfg.to_dict(), "config_key": cfg.key(), "data": data, "threads": threads, "git_commit": git_commit,
-            "versions": versions, "smoke": smoke, "host": os.uname().nodename,
+            "versions": versions, "smoke": smoke, "network": network, "host": os.uname().nodename,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
@@ -153,13 +153,14 @@ def run(cfg: TrialConfig, dataset, path: Path, head: dict, resume: bool = False,
             keep, head = old.epochs[:state["epoch"]], old.header
     writer = RecordWriter(path, head, keep)
 
-    def each_epoch(metrics: dict, snapshot: dict) -> bool:
+    def each_epoch(metrics: dict, snapshot: dict) -> None:
         writer.epoch(metrics)
         if not metrics["final"] and metrics["epoch"] % checkpoint_every == 0:
             tmp = state_path(path).with_suffix(".tmp")
             torch.save(snapshot, tmp)
             tmp.replace(state_path(path))
-        return bool(on_epoch and on_epoch(metrics, snapshot))
+        if on_epoch is not None:
+            on_epoch(metrics, snapshot)
 
     result = train(cfg, dataset, state, each_epoch)
     writer.finish(result)

@@ -167,8 +167,7 @@ def _check_storage(storage: str) -> str:
     if "://" in storage:
         return storage  # a cloud URI: Ray checks it
     path = Path(storage).expanduser().absolute()
-    existing = next((p for p in [path, *path.parents] if p.exists()), None)
-    if existing is None or not existing.is_dir() or not os.access(existing, os.W_OK):
+    if not tracking.can_write_in(path):
         raise UserError(f"storage path {path} is not writable; pass --storage with a writable folder "
                         f"(a shared filesystem or cloud URI on a multi-node cluster)")
     return str(path)

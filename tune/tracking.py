@@ -10,12 +10,14 @@ The schema (what analysis/ reads):
               own first: a shared trial serves several) and scheduler (asha | fifo
               per part, comma-separated in the same order); train_images,
               val_images, test_images; data_digest (tune.data.digest); threads
-              (torch's, which results depend on); smoke (true for --smoke sweeps)
+              (torch's, which results depend on); network (the model's printout);
+              smoke (true for --smoke sweeps)
   metrics     per epoch (step=epoch): train_loss, train_acc, val_loss, val_acc,
               epoch_seconds, best_val_loss; when the best epoch changes also
               best_epoch, best_val_acc, test_loss, test_acc
 """
 
+import contextlib
 import os
 import subprocess
 import time
@@ -28,7 +30,6 @@ from tune.config import TrialConfig, UserError
 
 EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "epoch_seconds", "best_val_loss")
 BEST_METRICS = ("best_epoch", "best_val_loss", "best_val_acc", "test_loss", "test_acc")
-STOPPED_BY = ("completed", "scheduler", "early_stop", "error", "killed")
 
 
 def resolve_uri(uri: str | None = None, cwd: str | None = None) -> str:
@@ -45,14 +46,34 @@ def resolve_uri(uri: str | None = None, cwd: str | None = None) -> str:
     return uri
 
 
+def can_write_in(folder: Path) -> bool:
+    """Whether files can be written in `folder`, found by doing it: permission bits do not stop root, and
+    /proc refuses anyway. Folders made for the probe are removed again, so a refused sweep leaves nothing."""
+    made = []
+    try:
+        for p in reversed([folder, *folder.parents]):
+            if not p.exists():
+                p.mkdir()
+                made.append(p)
+        probe = folder / f".write-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+        return True
+    except OSError:
+        return False
+    finally:
+        for p in reversed(made):
+            with contextlib.suppress(OSError):
+                p.rmdir()
+
+
 def check_reachable(uri: str) -> None:
     """Raise UserError unless runs can be written to `uri`. Creates nothing."""
     fix = "start the server or pass --tracking-uri (or MLFLOW_TRACKING_URI) for one that is up"
     if uri.startswith("sqlite:///") or uri.startswith("file:"):
         path = Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite") else Path(urllib.parse.urlparse(uri).path)
         folder = path.parent if uri.startswith("sqlite") else path
-        existing = next((p for p in [folder, *folder.parents] if p.exists()), None)
-        if existing is None or not os.access(existing, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        if not can_write_in(folder) or (path.is_file() and not os.access(path, os.W_OK)):
             raise UserError(f"tracking store {uri} is not writable; pass --tracking-uri with a writable path")
         return
     if uri.startswith(("http://", "https://")):
@@ -153,6 +174,7 @@ class TrialRun:
         if run_id is not None:
             c.update_run(run_id, status="RUNNING")
             return cls(uri, run_id)
+        tags = dict(tags)  # the caller's dict stays as it was
         run = c.create_run(experiment_id(c, experiment), run_name=tags.pop("run_name", None),
                            tags={**tags, "experiment": experiment, "config_key": cfg.key()})
         c.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in cfg.to_dict().items()])
@@ -206,6 +228,7 @@ def import_record(mlflow_client, uri: str, rec, sweep_id: str, experiment: str |
             "train_images": str(data.get("train_images", "")), "val_images": str(data.get("val_images", "")),
             "test_images": str(data.get("test_images", "")), "smoke": str(bool(head.get("smoke"))).lower(),
             "data_digest": data.get("digest", ""), "threads": str(head.get("threads", "")),
+            "network": head.get("network", ""),
             "run_name": f"{experiment}-{head['id'][:8]}"}
     run = TrialRun.open(uri, experiment, rec.config, tags)
     for metrics in rec.epochs:
@@ -236,7 +259,8 @@ def export_records(mlflow_client, experiments: list[str], sweep_id: str, out: Pa
             k: int(tags[k]) for k in ("train_images", "val_images", "test_images") if tags.get(k)}}
         head = {**record.header(cfg, experiment=tags["experiment"], parts=tags.get("parts", "").split(",") or None,
                                 data=data, threads=int(tags.get("threads") or 0), git_commit=tags.get("git_commit", ""),
-                                versions=tags.get("versions", ""), smoke=tags.get("smoke") == "true"),
+                                versions=tags.get("versions", ""), smoke=tags.get("smoke") == "true",
+                                network=tags.get("network", "")),
                 "id": run.info.run_id, "sweep_id": sweep_id, "host": tags.get("node_id", "unknown"),
                 "scheduler": tags.get("scheduler", "fifo").split(",")}
         path = out / (record.name_for(tags["experiment"], cfg) + record.SUFFIX)

@@ -15,14 +15,14 @@ import torch
 import torch.nn.functional as F
 
 from models import build_model
-from tune.config import TrialConfig, UserError
+from tune.config import TrialConfig, UserError, improves
 from tune.data import Dataset, split
 
 EVAL_BATCH = 1000  # images per evaluation step; evaluation keeps no activations for backward
 
-# on_epoch(metrics, state) -> True to stop. `state` references live tensors: save it
+# on_epoch(metrics, state) after every epoch. `state` references live tensors: save it
 # (torch.save) before returning, do not keep it.
-EpochCallback = Callable[[dict, dict], bool]
+EpochCallback = Callable[[dict, dict], None]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -31,6 +31,11 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("device: cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
     return torch.device(name)
+
+
+def network(cfg: TrialConfig, build: Callable[..., torch.nn.Module] = build_model) -> torch.nn.Module:
+    """The network `cfg` describes; runs log its printout, so a report shows what ran, not today's code."""
+    return build(cfg.model, cfg.order, cfg.dropout, cfg.dropout_kind, cfg.hidden, cfg.conv_channels, cfg.conv_kernels)
 
 
 def train(cfg: TrialConfig, data: Dataset, state: dict | None = None,
@@ -56,22 +61,15 @@ def train(cfg: TrialConfig, data: Dataset, state: dict | None = None,
     n = len(train_y)
     if n < cfg.batch_size:
         raise UserError(f"batch_size: {cfg.batch_size} is more than the {n} training images; lower it or raise --limit")
-    if cfg.normalize == "center":
-        mean, inv_std = torch.full((1, 3, 1, 1), 128.0), torch.full((1, 3, 1, 1), 1 / 255)
-    else:
-        pixels = arrays.train_x.transpose(1, 0, 2, 3).reshape(3, -1)
-        mean = torch.tensor(pixels.mean(axis=1, dtype=np.float64), dtype=torch.float32).view(1, 3, 1, 1)
-        inv_std = 1 / torch.tensor(pixels.std(axis=1, dtype=np.float64), dtype=torch.float32).view(1, 3, 1, 1)
-    mean, inv_std = mean.to(device), inv_std.to(device)
+    mean, inv_std = (torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1).to(device)
+                     for v in arrays.normalization(cfg.normalize))
     memory_format = torch.channels_last if cfg.channels_last and cfg.model == "cnn" else torch.contiguous_format
-    poison = data.poison
 
     def prepare(x_uint8):
         x = x_uint8.float().sub_(mean).mul_(inv_std)
         return x.contiguous(memory_format=memory_format)
 
-    model = build(cfg.model, cfg.order, cfg.dropout, cfg.dropout_kind, cfg.hidden,
-                        cfg.conv_channels, cfg.conv_kernels).to(device, memory_format=memory_format)
+    model = network(cfg, build).to(device, memory_format=memory_format)
     # fused: one kernel over all parameters instead of a dozen per tensor. On the CPU the
     # per-tensor Adam took ~40% of an MLP step (docs/performance.md).
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)
@@ -113,8 +111,6 @@ def train(cfg: TrialConfig, data: Dataset, state: dict | None = None,
         for step in range(steps):
             idx = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size]
             x, y = prepare(train_x[idx]), train_y[idx]
-            if poison and step == 0:
-                x[0, 0, 0, 0] = math.nan
             with torch.autocast(**autocast):
                 logits = forward(x)
                 loss = F.cross_entropy(logits.float(), y)
@@ -129,7 +125,8 @@ def train(cfg: TrialConfig, data: Dataset, state: dict | None = None,
             stopped_by, reason = "error", f"non-finite training loss ({train_loss}) at epoch {epoch}"
             break
         val_loss, val_acc = evaluate(val_x, val_y)
-        improved = (val_loss <= best["best_val_loss"]) if cfg.select_by == "val_loss" else (val_acc >= best["best_val_acc"])
+        improved = (improves(val_loss, best["best_val_loss"], "min") if cfg.select_by == "val_loss"
+                    else improves(val_acc, best["best_val_acc"], "max"))
         if improved:
             test_loss, test_acc = evaluate(test_x, test_y)
             best = {"best_epoch": epoch, "best_val_loss": val_loss, "best_val_acc": val_acc,
@@ -144,8 +141,7 @@ def train(cfg: TrialConfig, data: Dataset, state: dict | None = None,
         if on_epoch is not None:
             snapshot = {"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                         "rng": _get_rng(order_rng), "best": dict(best), "config": cfg.to_dict()}
-            if on_epoch(metrics, snapshot) and stopped_by == "completed":
-                stopped_by = "stopped"
+            on_epoch(metrics, snapshot)
         if stopped_by != "completed":
             break
     return {**best, "epochs_run": epoch, "stopped_by": stopped_by, "reason": reason}

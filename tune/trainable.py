@@ -25,7 +25,7 @@ from tune import tracking
 from tune.config import TrialConfig
 from tune.data import Dataset, split
 from tune.tracking import TrialRun
-from tune.train import train
+from tune.train import network, train
 
 STATE_FILE, META_FILE = "state.pt", "meta.json"
 REPORTED = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "epoch_seconds",
@@ -82,7 +82,7 @@ def run_trial(config: dict, dataset: Dataset, sweep: SweepContext) -> None:
             "train_images": str(len(sizes.train_y)), "val_images": str(len(sizes.val_y)),
             "test_images": str(len(sizes.test_y)), "smoke": str(sweep.smoke).lower(), "data_digest": sweep.data_digest,
             # Results are bit-identical only at the same thread count (Ray sets it to the trial's CPUs).
-            "threads": str(torch.get_num_threads()),
+            "threads": str(torch.get_num_threads()), "network": str(network(cfg)),
             "run_name": f"{experiment}-{trial_id}"}
     run = TrialRun.open(sweep.tracking_uri, experiment, cfg, tags, run_id)
     # A retried trial trains the epochs after its checkpoint again; exact restore makes
@@ -90,7 +90,7 @@ def run_trial(config: dict, dataset: Dataset, sweep: SweepContext) -> None:
     already_logged = run.logged_epochs()
     closed = False
 
-    def on_epoch(metrics: dict, snapshot: dict) -> bool:
+    def on_epoch(metrics: dict, snapshot: dict) -> None:
         nonlocal closed
         epoch = metrics["epoch"]
         if epoch not in already_logged:
@@ -107,7 +107,6 @@ def run_trial(config: dict, dataset: Dataset, sweep: SweepContext) -> None:
                 ray.tune.report(report, checkpoint=ray.tune.Checkpoint.from_directory(folder))
         else:
             ray.tune.report(report)
-        return False
 
     result = train(cfg, dataset, state, on_epoch)
     if not closed:
