@@ -8,7 +8,6 @@ order sections form one family for the Holm correction.
 
 import dataclasses
 import math
-import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from analysis.figures import Line, Panel
 from analysis.tables import ALPHA, CONFIDENCE, Comparison
 from tune import catalogue
 from tune.config import UserError
+from tune.tracking import relative
 
 MARKER = ".analysis-report"
 MODEL_NAMES = {"mlp": "MLP", "cnn": "CNN"}
@@ -544,15 +544,6 @@ def missing_note(ctx: Context, exp: str) -> str:
     return "no usable runs: each one diverged or finished no epoch"
 
 
-def local(text: str) -> str:
-    """An absolute path in a data spec or store URI, shown relative to the working directory: a report
-    is read (and committed) elsewhere, where this machine's paths mean nothing."""
-    for prefix in ("imagefolder:", "sqlite:///", ""):
-        if text.startswith(prefix) and os.path.isabs(text[len(prefix):]):
-            return prefix + os.path.relpath(text[len(prefix):])
-    return text
-
-
 def provenance(runs: pd.DataFrame, smoke: bool, command: str, machine: str) -> dict[str, str]:
     """The report's header: what ran, at which commit and budget, read from the runs (`command` and
     `machine` are not in them: the caller says)."""
@@ -572,8 +563,8 @@ def provenance(runs: pd.DataFrame, smoke: bool, command: str, machine: str) -> d
 
 
 def build(study: Study, out: Path, command: str = "unknown", machine: str = "unknown") -> Document:
-    study = dataclasses.replace(study, uri=local(study.uri), runs=study.runs.assign(
-        data=study.runs["data"].astype(str).map(local), data_dir=study.runs["data_dir"].astype(str).map(local)))
+    study = dataclasses.replace(study, uri=relative(study.uri), runs=study.runs.assign(
+        data=study.runs["data"].astype(str).map(relative), data_dir=study.runs["data_dir"].astype(str).map(relative)))
     every_run = tables.summarize_runs(study.runs, study.history)
     runs, _ = tables.usable(every_run)
     ctx = Context(study, Document(out), runs, study.history, every_run)

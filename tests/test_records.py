@@ -153,3 +153,36 @@ def test_the_study_runner_records_each_trial_once(tmp_path):
     p = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0 and f"{len(recs)} already recorded" in p.stderr and "running 0" in p.stderr
     assert json.loads((tmp_path / "recs" / recs[0].path.name).read_text().splitlines()[0])["id"] == recs[0].header["id"]
+
+
+def test_an_exported_sweep_imports_as_it_was(tmp_path, monkeypatch):
+    """tune export, then tune import: the same params (paths made relative), tags, curves and times."""
+    from test_analysis_report import log_fake_run
+
+    from tune import catalogue
+
+    monkeypatch.chdir(tmp_path)
+    source, copy = f"sqlite:///{tmp_path}/a.db", f"sqlite:///{tmp_path}/b.db"
+    base = {"epochs": 4, "data": f"imagefolder:{tmp_path}/cifar.tar.gz", "data_dir": str(tmp_path / "data")}
+    [baseline] = [t for t in catalogue.expand("report", base=base) if len(t.parts) == 3]
+    cut = catalogue.expand("dropout-mlp", grids={"dropout": "0.9"}, base=base)[0]
+    a = log_fake_run(source, "dropout-mlp", baseline.config, "s", "t0", scheduler="asha,fifo,fifo",
+                     tags={"parts": ",".join(baseline.parts), "data_digest": "abc", "threads": "1", "train_images": "600"})
+    b = log_fake_run(source, "dropout-mlp", cut.config, "s", "t1", epochs_run=2)
+    paths = tracking.export_records(tracking.client(source), ["dropout-mlp"], "s", tmp_path / "recs")
+    assert len(paths) == 2 and str(tmp_path) not in "".join(p.read_text() for p in paths)  # no machine paths
+    c = tracking.client(copy)
+    ids = {tracking.import_record(c, copy, record.read(p), "ignored") for p in paths}
+    src = tracking.client(source)
+    for original in (a, b):
+        was = src.get_run(original)
+        [now] = [c.get_run(i) for i in ids if c.get_run(i).data.tags["record_id"] == original]
+        assert now.data.params == {**was.data.params, "data": "imagefolder:cifar.tar.gz", "data_dir": "data"}
+        for tag in ("sweep_id", "experiment", "config_key", "git_commit", "stopped_by", "scheduler"):
+            assert now.data.tags[tag] == was.data.tags[tag], tag
+        assert now.data.tags["parts"] == was.data.tags.get("parts", "dropout-mlp")  # a run from before the tag
+        assert (now.info.start_time, now.info.end_time, now.info.status) == (
+            was.info.start_time, was.info.end_time, was.info.status)
+        for key in ("val_loss", "train_loss", "best_val_loss", "test_acc", "best_epoch"):
+            assert [(m.step, m.value) for m in sorted(c.get_metric_history(now.info.run_id, key), key=lambda m: m.step)] \
+                == [(m.step, m.value) for m in sorted(src.get_metric_history(original, key), key=lambda m: m.step)], key

@@ -41,6 +41,11 @@ class Record:
         return self.end is not None
 
 
+def now_ms() -> int:
+    """Times in records are milliseconds since the epoch, as MLflow keeps them."""
+    return int(time.time() * 1000)
+
+
 def name_for(experiment: str | None, cfg: TrialConfig) -> str:
     """One file per (experiment, configuration, seed): a rerun of the runner finds its records again."""
     return f"{experiment or 'train'}-{cfg.model}-{cfg.key()}-s{cfg.seed}"
@@ -68,8 +73,8 @@ class RecordWriter:
     def epoch(self, metrics: dict) -> None:
         self._write({"kind": "epoch", **{k: v for k, v in metrics.items() if k != "final"}})
 
-    def finish(self, result: dict) -> None:
-        self._write({"kind": "end", "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **result})
+    def finish(self, result: dict, finished: int | None = None) -> None:
+        self._write({"kind": "end", "finished": finished or now_ms(), **result})
         self.file.close()
 
 
@@ -78,7 +83,7 @@ def header(cfg: TrialConfig, *, experiment: str | None, parts: list[str] | None,
     return {"id": uuid.uuid4().hex, "experiment": experiment, "parts": parts or ([experiment] if experiment else []),
             "config": cfg.to_dict(), "config_key": cfg.key(), "data": data, "threads": threads, "git_commit": git_commit,
             "versions": versions, "smoke": smoke, "network": network, "host": os.uname().nodename,
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            "started": now_ms()}
 
 
 def read(path: Path) -> Record:

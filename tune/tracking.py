@@ -163,8 +163,10 @@ class TrialRun:
         self.client = client(uri)
 
     @classmethod
-    def open(cls, uri: str, experiment: str, cfg: TrialConfig, tags: dict, run_id: str | None = None) -> "TrialRun":
-        """Continue `run_id`, else the run tagged with this (sweep_id, trial_id), else create one."""
+    def open(cls, uri: str, experiment: str, cfg: TrialConfig, tags: dict, run_id: str | None = None,
+             start_time: int | None = None) -> "TrialRun":
+        """Continue `run_id`, else the run tagged with this (sweep_id, trial_id), else create one (started at
+        `start_time`, ms, default now)."""
         from mlflow.entities import Param
 
         c = client(uri)
@@ -175,8 +177,8 @@ class TrialRun:
             c.update_run(run_id, status="RUNNING")
             return cls(uri, run_id)
         tags = dict(tags)  # the caller's dict stays as it was
-        run = c.create_run(experiment_id(c, experiment), run_name=tags.pop("run_name", None),
-                           tags={**tags, "experiment": experiment, "config_key": cfg.key()})
+        run = c.create_run(experiment_id(c, experiment), start_time=start_time, run_name=tags.pop("run_name", None),
+                           tags={"config_key": cfg.key(), **tags, "experiment": experiment})
         c.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in cfg.to_dict().items()])
         return cls(uri, run.info.run_id)
 
@@ -194,16 +196,16 @@ class TrialRun:
         now, step = int(time.time() * 1000), int(metrics["epoch"])
         self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in values.items()])
 
-    def finish(self, stopped_by: str, reason: str = "") -> None:
-        finish_run(self.client, self.run_id, stopped_by, reason)
+    def finish(self, stopped_by: str, reason: str = "", end_time: int | None = None) -> None:
+        finish_run(self.client, self.run_id, stopped_by, reason, end_time)
 
 
-def finish_run(mlflow_client, run_id: str, stopped_by: str, reason: str = "") -> None:
+def finish_run(mlflow_client, run_id: str, stopped_by: str, reason: str = "", end_time: int | None = None) -> None:
     mlflow_client.set_tag(run_id, "stopped_by", stopped_by)
     if reason:
         mlflow_client.set_tag(run_id, "stop_reason", reason[:4000])
     status = {"error": "FAILED", "killed": "KILLED"}.get(stopped_by, "FINISHED")
-    mlflow_client.set_terminated(run_id, status=status)
+    mlflow_client.set_terminated(run_id, status=status, end_time=end_time)
 
 
 def import_record(mlflow_client, uri: str, rec, sweep_id: str, experiment: str | None = None) -> str | None:
@@ -228,16 +230,27 @@ def import_record(mlflow_client, uri: str, rec, sweep_id: str, experiment: str |
             "train_images": str(data.get("train_images", "")), "val_images": str(data.get("val_images", "")),
             "test_images": str(data.get("test_images", "")), "smoke": str(bool(head.get("smoke"))).lower(),
             "data_digest": data.get("digest", ""), "threads": str(head.get("threads", "")),
-            "network": head.get("network", ""),
+            "network": head.get("network", ""), "config_key": head.get("config_key") or rec.config.key(),
             "run_name": f"{experiment}-{head['id'][:8]}"}
-    run = TrialRun.open(uri, experiment, rec.config, tags)
+    started = head.get("started") if isinstance(head.get("started"), int) else None
+    run = TrialRun.open(uri, experiment, rec.config, tags, start_time=started)
     for metrics in rec.epochs:
         run.log_epoch(metrics)
     if rec.end is None:
         run.finish("killed", f"the record ends after epoch {len(rec.epochs)}: its run was killed")
     else:
-        run.finish(rec.end["stopped_by"], rec.end.get("reason", ""))
+        finished = rec.end.get("finished")
+        run.finish(rec.end["stopped_by"], rec.end.get("reason", ""), finished if isinstance(finished, int) else None)
     return run.run_id
+
+
+def relative(spec: str) -> str:
+    """A data spec, folder or SQLite URI with an absolute path, made relative to the working directory: records
+    and reports travel, and this machine's paths mean nothing elsewhere."""
+    for prefix in ("imagefolder:", "sqlite:///", ""):
+        if spec.startswith(prefix) and os.path.isabs(spec[len(prefix):]):
+            return prefix + os.path.relpath(spec[len(prefix):])
+    return spec
 
 
 def export_records(mlflow_client, experiments: list[str], sweep_id: str, out: Path) -> list[Path]:
@@ -249,7 +262,10 @@ def export_records(mlflow_client, experiments: list[str], sweep_id: str, out: Pa
         tags = run.data.tags
         if "trial_id" not in tags:
             continue
-        cfg = TrialConfig.from_dict({k: v for k, v in run.data.params.items() if k in TrialConfig.__dataclass_fields__})
+        params = {k: v for k, v in run.data.params.items() if k in TrialConfig.__dataclass_fields__}
+        # A record travels: this machine's absolute paths become relative to where export runs.
+        params["data"], params["data_dir"] = relative(params["data"]), relative(params["data_dir"])
+        cfg = TrialConfig.from_dict(params)
         history: dict[int, dict] = {}
         for key in dict.fromkeys(EPOCH_METRICS + BEST_METRICS):
             for m in mlflow_client.get_metric_history(run.info.run_id, key):
@@ -257,11 +273,12 @@ def export_records(mlflow_client, experiments: list[str], sweep_id: str, out: Pa
         epochs = [{"epoch": step, **values, "improved": "test_acc" in values} for step, values in sorted(history.items())]
         data = {"source": cfg.data, "digest": tags.get("data_digest", ""), **{
             k: int(tags[k]) for k in ("train_images", "val_images", "test_images") if tags.get(k)}}
-        head = {**record.header(cfg, experiment=tags["experiment"], parts=tags.get("parts", "").split(",") or None,
+        head = {**record.header(cfg, experiment=tags["experiment"], parts=tags["parts"].split(",") if tags.get("parts") else None,
                                 data=data, threads=int(tags.get("threads") or 0), git_commit=tags.get("git_commit", ""),
                                 versions=tags.get("versions", ""), smoke=tags.get("smoke") == "true",
                                 network=tags.get("network", "")),
                 "id": run.info.run_id, "sweep_id": sweep_id, "host": tags.get("node_id", "unknown"),
+                "started": run.info.start_time, "config_key": tags.get("config_key", cfg.key()),
                 "scheduler": tags.get("scheduler", "fifo").split(",")}
         path = out / (record.name_for(tags["experiment"], cfg) + record.SUFFIX)
         writer = record.RecordWriter(path, head, [{"kind": "epoch", **e} for e in epochs])
@@ -270,6 +287,7 @@ def export_records(mlflow_client, experiments: list[str], sweep_id: str, out: Pa
         if end["stopped_by"] == "killed":
             writer.file.close()
         else:
-            writer.finish({**end, **{k: run.data.metrics[k] for k in BEST_METRICS if k in run.data.metrics}})
+            writer.finish({**end, **{k: run.data.metrics[k] for k in BEST_METRICS if k in run.data.metrics}},
+                          finished=run.info.end_time)
         written.append(path)
     return written
