@@ -55,6 +55,7 @@ mlflow-ui: install
 	elif url=$$(ENV_FILE=$(ENV_FILE) PYTHON=$(PY) docker/mlflow-url.sh); then \
 		echo "the stack's MLflow is up: open $$url (log in with MLFLOW_ADMIN_USERNAME and MLFLOW_ADMIN_PASSWORD from $(ENV_FILE))"; \
 	else \
+		echo "each experiment's runs table:"; $(PY) -m tune links --server http://127.0.0.1:$(MLFLOW_PORT) | sed 's/^/  /'; \
 		$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port $(MLFLOW_PORT); \
 	fi
 

@@ -52,6 +52,13 @@ def main(argv=None) -> int:
         return 2
     print(f"report of {study.runs['run_id'].nunique()} runs ({study.selection}) written to {path} "
           f"in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    from tune import tracking
+
+    server = study.uri if study.uri.startswith("http") else tracking.UI
+    print("the runs it read, in the MLflow UI" + ("" if study.uri.startswith("http") else " (`make mlflow-ui`)") + ":",
+          file=sys.stderr)
+    for line in tracking.experiment_links(tracking.client(study.uri), server, sorted(set(study.runs["experiment"]))):
+        print(f"  {line}", file=sys.stderr)
     print(path)
     return 0
 

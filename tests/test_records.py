@@ -76,6 +76,12 @@ def test_import_logs_the_sweep_schema_once(tmp_path):
     assert tags["stopped_by"] == "completed" and tags["git_commit"] == "abc" and tags["parts"] == "dropout-mlp"
     assert run.data.params == {k: str(v) for k, v in rec.config.to_dict().items()}
     assert [m.step for m in c.get_metric_history(run_id, "val_loss")] == [1, 2, 3]
+    # readable in the UI: a name that says what ran, an experiment that opens on its training runs
+    assert run.info.run_name == "mlp d=0.5 bn,relu,dropout s0"
+    exp = c.get_experiment_by_name("dropout-mlp")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert tracking.runs_view("http://h:5000/", exp.experiment_id).endswith(
+        f"5000/#/experiments/{exp.experiment_id}?workflowType=machine_learning")
     killed = record.read(write_record(tmp_path, 2, end=False))
     run = c.get_run(tracking.import_record(c, uri, killed, "imp"))
     assert run.info.status == "KILLED" and run.data.tags["stopped_by"] == "killed"

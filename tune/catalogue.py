@@ -113,6 +113,11 @@ CATALOGUE = {e.name: e for e in [
 ]}
 
 
+def group_name(experiment: str, model: str) -> str:
+    """A group: the trials of one experiment and one model, the only ones a scheduler ranks together."""
+    return f"{experiment}/{model}"
+
+
 def get(name: str) -> Experiment:
     if name not in CATALOGUE:
         raise UserError(f"unknown experiment {name!r}; choose one of {', '.join(CATALOGUE)} (see `python -m tune list`)")

@@ -170,6 +170,18 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_links(args) -> int:
+    from analysis.fetch import study_experiments
+    from tune import tracking
+
+    uri = tracking.resolve_uri(args.tracking_uri)
+    server = args.server or (uri if uri.startswith("http") else tracking.UI)
+    client = tracking.client(uri) if not uri.startswith("sqlite:///") or Path(uri[len("sqlite:///"):]).is_file() else None
+    for line in tracking.experiment_links(client, server, study_experiments()) if client else []:
+        print(line)
+    return 0
+
+
 def cmd_study(args) -> int:
     from tune import fanout
 
@@ -224,6 +236,8 @@ def add_sweep_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> Parser:
+    from tune.tracking import UI
+
     parser = Parser(prog="python -m tune", description=__doc__)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     train_p = sub.add_parser("train", help="train one config without Ray; prints a JSON line of its best epoch",
@@ -280,6 +294,10 @@ def build_parser() -> Parser:
     export_p.add_argument("--out", required=True, metavar="DIR", help="folder for the records")
     export_p.add_argument("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)")
     export_p.set_defaults(run=cmd_export)
+    links_p = sub.add_parser("links", help="print a link to each experiment's runs table in the MLflow UI")
+    links_p.add_argument("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)")
+    links_p.add_argument("--server", help=f"the UI's address (default: the tracking server, else {UI})")
+    links_p.set_defaults(run=cmd_links)
     list_p = sub.add_parser("list", help="print the experiment catalogue")
     list_p.set_defaults(run=cmd_list)
     return parser

@@ -66,10 +66,6 @@ class Group:
         return f"{self.name} asha (grace {self.grace_period}, rf {self.reduction_factor})"
 
 
-def group_name(experiment: str, model: str) -> str:
-    return f"{experiment}/{model}"
-
-
 @dataclass
 class Plan:
     """A validated sweep, ready to hand to Ray."""
@@ -144,7 +140,7 @@ def plan(args: SweepArgs) -> Plan:
     epochs: dict[str, int] = {}
     for parts, cfg in members:
         for part in parts:
-            name = group_name(part, cfg.model)
+            name = catalogue.group_name(part, cfg.model)
             epochs[name] = max(epochs.get(name, 0), cfg.epochs)
     groups = {name: _group(name, e, args) for name, e in epochs.items()}
     return Plan(exp, trials, search_base, samples, max(epochs.values()), groups, data, data_dir)
@@ -413,5 +409,9 @@ def _summary(results, sweep_id: str, uri: str, p: Plan) -> None:
         print(f"  best of {group}: dropout={float(v['dropout']):g} order={v['order']} "
               f"best_val_loss={m['best_val_loss']:.4f} (epoch {m['best_epoch']}) test_acc={m['test_acc']:.4f}",
               file=sys.stderr)
-    print(f"runs: MLflow experiments {', '.join(p.experiments)} at {uri}", file=sys.stderr)
-    print("browse them with `make mlflow-ui`; write the report with `make report`", file=sys.stderr)
+    server = uri if uri.startswith("http") else tracking.UI
+    print(f"runs: MLflow experiments {', '.join(p.experiments)} at {uri}; their runs tables"
+          + ("" if uri.startswith("http") else " (after `make mlflow-ui`)") + ":", file=sys.stderr)
+    for line in tracking.experiment_links(tracking.client(uri), server, p.experiments):
+        print(f"  {line}", file=sys.stderr)
+    print("write the report with `make report`", file=sys.stderr)

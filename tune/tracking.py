@@ -108,9 +108,32 @@ def experiment_id(mlflow_client, name: str) -> str:
             mlflow_client.restore_experiment(exp.experiment_id)
         return exp.experiment_id
     try:
-        return mlflow_client.create_experiment(name)
+        # MLflow versions that read the kind open the experiment on its training runs, not the GenAI page.
+        return mlflow_client.create_experiment(name, tags={"mlflow.experimentKind": "custom_model_development"})
     except Exception:  # noqa: BLE001 - another process created it first
         return mlflow_client.get_experiment_by_name(name).experiment_id
+
+
+def runs_view(server: str, experiment_id: str) -> str:
+    """The experiment's runs table. MLflow 3's UI opens an experiment on its GenAI page unless asked for this."""
+    return f"{server.rstrip('/')}/#/experiments/{experiment_id}?workflowType=machine_learning"
+
+
+def run_name(cfg: TrialConfig) -> str:
+    """What ran, short enough for the runs table: e.g. `mlp d=0.8 bn,relu,dropout s0`."""
+    words = [cfg.model, f"d={cfg.dropout:.3g}", *([cfg.dropout_kind] if cfg.dropout_kind != "element" else []), cfg.order]
+    if cfg.lr != TrialConfig.lr:
+        words.append(f"lr={cfg.lr:.2g}")
+    return " ".join([*words, f"s{cfg.seed}"])
+
+
+def experiment_links(mlflow_client, server: str, experiments: list[str]) -> list[str]:
+    """`name: link` to each experiment's runs table, for those in the store."""
+    found = [(n, mlflow_client.get_experiment_by_name(n)) for n in experiments]
+    return [f"{n}: {runs_view(server, e.experiment_id)}" for n, e in found if e is not None]
+
+
+UI = "http://127.0.0.1:5000"  # where `make mlflow-ui` serves a local store
 
 
 def find_run(mlflow_client, experiment: str, sweep_id: str, trial_id: str):
@@ -231,7 +254,7 @@ def import_record(mlflow_client, uri: str, rec, sweep_id: str, experiment: str |
             "test_images": str(data.get("test_images", "")), "smoke": str(bool(head.get("smoke"))).lower(),
             "data_digest": data.get("digest", ""), "threads": str(head.get("threads", "")),
             "network": head.get("network", ""), "config_key": head.get("config_key") or rec.config.key(),
-            "run_name": f"{experiment}-{head['id'][:8]}"}
+            "run_name": run_name(rec.config)}
     started = head.get("started") if isinstance(head.get("started"), int) else None
     run = TrialRun.open(uri, experiment, rec.config, tags, start_time=started)
     for metrics in rec.epochs:

@@ -21,7 +21,7 @@ import torch
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from tune import tracking
+from tune import catalogue, tracking
 from tune.config import TrialConfig
 from tune.data import Dataset, split
 from tune.tracking import TrialRun
@@ -59,7 +59,7 @@ def trial_values(config: dict) -> tuple[tuple[str, ...], dict]:
 def trial_groups(config: dict) -> list[str]:
     """The groups (experiment/model) a trial is ranked in."""
     parts, values = trial_values(config)
-    return list(dict.fromkeys(f"{part}/{values.get('model', TrialConfig.model)}" for part in parts))
+    return list(dict.fromkeys(catalogue.group_name(part, values.get("model", TrialConfig.model)) for part in parts))
 
 
 def run_trial(config: dict, dataset: Dataset, sweep: SweepContext) -> None:
@@ -83,7 +83,7 @@ def run_trial(config: dict, dataset: Dataset, sweep: SweepContext) -> None:
             "test_images": str(len(sizes.test_y)), "smoke": str(sweep.smoke).lower(), "data_digest": sweep.data_digest,
             # Results are bit-identical only at the same thread count (Ray sets it to the trial's CPUs).
             "threads": str(torch.get_num_threads()), "network": str(network(cfg)),
-            "run_name": f"{experiment}-{trial_id}"}
+            "run_name": tracking.run_name(cfg)}
     run = TrialRun.open(sweep.tracking_uri, experiment, cfg, tags, run_id)
     # A retried trial trains the epochs after its checkpoint again; exact restore makes
     # them identical, so the ones its run already holds are not logged twice.
