@@ -50,6 +50,8 @@ def main(argv=None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    for why in study.unreadable:
+        print(f"left out: {why}", file=sys.stderr)
     print(f"report of {study.runs['run_id'].nunique()} runs ({study.selection}) written to {path} "
           f"in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     from tune import tracking

@@ -10,7 +10,7 @@ import os
 import time
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -42,6 +42,8 @@ class Study:
     all_runs: pd.DataFrame
     """every run of the asked-for experiments, every sweep (same columns as runs, no history)"""
     fetch_seconds: float = 0.0
+    unreadable: list[str] = field(default_factory=list)
+    """runs left out because their params do not read back as a TrialConfig, each with why"""
 
 
 def study_experiments() -> list[str]:
@@ -95,7 +97,7 @@ def load(uri: str, experiments: list[str] | None = None, sweep: str | None = Non
     if unknown:
         raise UserError(f"experiment {unknown[0]!r} is neither in the catalogue nor in {uri}; "
                         f"choose from {', '.join(study_experiments())} or `report`")
-    all_runs = _search_runs(uri, found)
+    all_runs, unreadable = _search_runs(uri, found)
     if not all_runs.empty:
         all_runs = all_runs[all_runs["experiment"].isin(names)].reset_index(drop=True)
     if all_runs.empty:
@@ -106,14 +108,14 @@ def load(uri: str, experiments: list[str] | None = None, sweep: str | None = Non
         sweeps = ", ".join(sorted(all_runs["sweep_id"].unique()))
         raise UserError(f"no runs of sweep {sweep!r} in {', '.join(names)}; pass one of: {sweeps} (or --all)")
     history = fetch_history(client, runs)
-    return Study(uri, names, selection, runs, history, all_runs, time.perf_counter() - t0)
+    return Study(uri, names, selection, runs, history, all_runs, time.perf_counter() - t0, unreadable)
 
 
-def _search_runs(uri: str, experiment_ids: dict[str, str]) -> pd.DataFrame:
+def _search_runs(uri: str, experiment_ids: dict[str, str]) -> tuple[pd.DataFrame, list[str]]:
     import mlflow
 
     if not experiment_ids:
-        return pd.DataFrame()
+        return pd.DataFrame(), []
     # set_tracking_uri also exports MLFLOW_TRACKING_URI to every later subprocess: undo both.
     previous, previous_env = mlflow.get_tracking_uri(), os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
@@ -126,19 +128,21 @@ def _search_runs(uri: str, experiment_ids: dict[str, str]) -> pd.DataFrame:
         else:
             os.environ["MLFLOW_TRACKING_URI"] = previous_env
     if raw.empty:
-        return pd.DataFrame()
+        return pd.DataFrame(), []
     names = {v: k for k, v in experiment_ids.items()}
     return runs_frame(raw, names)
 
 
-def runs_frame(raw: pd.DataFrame, experiment_names: dict[str, str]) -> pd.DataFrame:
+def runs_frame(raw: pd.DataFrame, experiment_names: dict[str, str]) -> tuple[pd.DataFrame, list[str]]:
     """mlflow.search_runs' frame -> one typed row per (run, experiment it serves), params through TrialConfig.
 
     A trial that several experiments share (tags `parts` and `scheduler`, comma-separated and in the
     same order) gives one row per experiment, each with that experiment's scheduler; `home` is the
     MLflow experiment that holds the run, and `shared` says whether other experiments read it too.
+    A run whose params do not validate is left out, and named in the list returned with the frame:
+    a table must never show a default in place of what ran.
     """
-    rows = []
+    rows, unreadable = [], []
     for _, r in raw.iterrows():
         row = {"run_id": r["run_id"], "status": r["status"], "start_time": r["start_time"], "end_time": r.get("end_time")}
         for tag in TAGS:
@@ -148,8 +152,12 @@ def runs_frame(raw: pd.DataFrame, experiment_names: dict[str, str]) -> pd.DataFr
         home = experiment_names.get(r["experiment_id"], row["experiment"] or r["experiment_id"])
         row["sweep_id"] = row["sweep_id"] or NO_SWEEP
         row["stopped_by"] = row["stopped_by"] or ("running" if r["status"] == "RUNNING" else "unknown")
-        row.update(_typed_params({k[len("params."):]: v for k, v in r.items()
-                                  if k.startswith("params.") and isinstance(v, str)}))
+        try:
+            row.update(_typed_params({k[len("params."):]: v for k, v in r.items()
+                                      if k.startswith("params.") and isinstance(v, str)}))
+        except ConfigError as e:
+            unreadable.append(f"run {r['run_id']} in {home}: {e}")
+            continue
         for key in tracking.BEST_METRICS:
             row[key] = r.get(f"metrics.{key}", float("nan"))
         # Runs from before the tag: the limit, when one was set, is the training set's size.
@@ -161,21 +169,17 @@ def runs_frame(raw: pd.DataFrame, experiment_names: dict[str, str]) -> pd.DataFr
         for i, part in enumerate(parts):
             rows.append({**row, "experiment": part, "home": home, "shared": len(parts) > 1,
                          "scheduler": schedulers[i] if len(schedulers) == len(parts) else schedulers[0]})
+    if not rows:
+        return pd.DataFrame(), unreadable
     runs = pd.DataFrame(rows)
     runs["config_key"] = runs["config_key"].fillna(runs["run_id"])
-    return runs.sort_values(["experiment", "start_time", "run_id"]).reset_index(drop=True)
+    return runs.sort_values(["experiment", "start_time", "run_id"]).reset_index(drop=True), unreadable
 
 
 def _typed_params(params: dict) -> dict:
-    """Run params as TrialConfig types them. A field that no longer validates falls back to its default."""
-    known = {k: v for k, v in params.items() if k in TrialConfig.__dataclass_fields__}
-    while True:
-        try:
-            return TrialConfig.from_dict(known).to_dict()
-        except ConfigError as e:
-            if e.field not in known:
-                return {**TrialConfig().to_dict(), **known}
-            known.pop(e.field)
+    """Run params as TrialConfig types them. A field the run does not have (an older run) takes its default;
+    a value that does not validate raises ConfigError."""
+    return TrialConfig.from_dict({k: v for k, v in params.items() if k in TrialConfig.__dataclass_fields__}).to_dict()
 
 
 def select_runs(all_runs: pd.DataFrame, sweep: str | None = None, pool: bool = False) -> tuple[pd.DataFrame, str]:

@@ -528,6 +528,9 @@ def section_inventory(ctx: Context) -> None:
     if len(left_out):
         r.text("Runs left out of the statistics (diverged, or no finished epoch): " + ", ".join(
             f"`{row.run_id[:8]}` ({row.experiment}, {row.stopped_by})" for row in left_out.itertuples()) + ".")
+    if study.unreadable:
+        r.text(f"**{len(study.unreadable)} runs left out** because their params do not read back as a config "
+               "(a table never shows a default in place of what ran): " + "; ".join(study.unreadable) + ".")
     points = int(ctx.history[list(set(ctx.history.columns) - {"run_id", "epoch"})].notna().sum().sum())
     r.text(f"Read {study.all_runs['run_id'].nunique()} runs and {points} metric points from `{study.uri}` in "
            f"{study.fetch_seconds:.1f} s.")

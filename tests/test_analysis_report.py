@@ -258,3 +258,23 @@ def test_a_shared_run_is_read_by_every_experiment_it_serves(tmp_path):
     assert dict(zip(rows["experiment"], rows["scheduler"])) == {"dropout-mlp": "asha", "bn-ablation": "fifo",
                                                                "dropout-ablation": "fifo"}
     assert set(rows["home"]) == {"dropout-mlp"} and rows["shared"].all()
+
+
+def test_a_run_whose_params_do_not_validate_is_named_and_left_out(tmp_path):
+    import sqlite3
+
+    import pandas as pd
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    fake_study(uri, experiments=("dropout-mlp",), seeds=1)
+    bad = client(uri).search_runs([client(uri).get_experiment_by_name("dropout-mlp").experiment_id],
+                                  "tags.sweep_id = 's2'")[0].info.run_id
+    with sqlite3.connect(f"{tmp_path}/mlflow.db") as db:  # MLflow's params are immutable: alter the store itself
+        db.execute("UPDATE params SET value = '1.7' WHERE run_uuid = ? AND key = 'dropout'", (bad,))
+    p = report("--tracking-uri", uri, "--out", str(tmp_path / "r"))
+    assert p.returncode == 0, p.stderr
+    assert f"left out: run {bad} in dropout-mlp: dropout: 1.7 is outside [0, 1)" in p.stderr
+    md = (tmp_path / "r" / "REPORT.md").read_text()
+    assert "**1 runs left out**" in md and bad in md
+    shown = pd.read_csv(tmp_path / "r" / "tables" / "dropout-mlp.csv")
+    assert len(shown) == 2 and bad not in ";".join(shown["run_ids"])  # three rates ran; the third is not shown
