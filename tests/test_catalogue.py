@@ -138,3 +138,28 @@ def test_overrides_scoped_to_a_model_touch_only_that_model():
         catalogue.parse_assignments(["warmup=3"], "--set")
     with pytest.raises(UserError, match="is not key=value"):
         catalogue.parse_assignments(["epochs"], "--set")
+
+
+def test_progress_counts_epochs_and_ends_and_bounds_the_eta():
+    from types import SimpleNamespace
+
+    from tune.trainable import Progress
+
+    p = Progress(trials=3, max_trial_epochs=12, every=0)
+    a, b, c = (SimpleNamespace(trial_id=t, last_result={}) for t in "abc")
+    for t in (a, b):
+        p.on_trial_start(0, [], t)
+    for epoch in (1, 2):
+        for t in (a, b):
+            t.last_result = {"epoch": epoch, "epoch_seconds": 2.0, "final": False}
+            p.on_trial_result(0, [], t, t.last_result)
+    b.last_result["final"] = False  # the scheduler stopped b after epoch 2
+    p.on_trial_complete(0, [], b)
+    p.on_trial_start(0, [], c)
+    # 4 epochs of 2 s seen, 8 left at most, 2 running: at most 8 s
+    assert p.line() == ("progress: 4 of at most 12 trial-epochs; trials 2 running, 0 done, 1 cut, 0 errored of 3; "
+                        "ETA at most 0:00:08")
+    a.last_result = {"epoch": 4, "epoch_seconds": 2.0, "final": True}
+    p.on_trial_complete(0, [], a)
+    p.on_trial_error(0, [], c)
+    assert "0 running, 1 done, 1 cut, 1 errored" in p.line() and "ETA after the first epochs" in p.line()

@@ -299,7 +299,7 @@ def run(args: SweepArgs) -> int:
     gpus_per_trial = _connect(args.address, args.gpus_per_trial, args.cpus_per_trial, args.num_gpus)
     import ray.tune
 
-    from tune.trainable import METRIC, RunStatusCallback, SchedulerState, SweepContext, run_trial
+    from tune.trainable import METRIC, Progress, RunStatusCallback, SchedulerState, SweepContext, run_trial
 
     # Pin every resolved value, so a resume rebuilds exactly this sweep.
     args = dataclasses.replace(args, storage=storage, tracking_uri=uri, gpus_per_trial=gpus_per_trial,
@@ -340,7 +340,8 @@ def run(args: SweepArgs) -> int:
                 name=sweep_id, storage_path=storage, verbose=args.verbose,
                 failure_config=ray.tune.FailureConfig(max_failures=args.max_failures),
                 checkpoint_config=ray.tune.CheckpointConfig(num_to_keep=2),
-                callbacks=[RunStatusCallback(uri, sweep_id), SchedulerState(scheduler, str(folder / RESTORED_RUNGS_FILE))],
+                callbacks=[RunStatusCallback(uri, sweep_id), SchedulerState(scheduler, str(folder / RESTORED_RUNGS_FILE)),
+                           Progress(p.n_trials, p.max_trial_epochs)],
                 progress_reporter=_reporter(p)),
         )
     results = tuner.fit()

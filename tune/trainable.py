@@ -7,7 +7,9 @@ a checkpoint holding the loop's state and the MLflow run id.
 
 import json
 import os
+import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -143,6 +145,52 @@ class RunStatusCallback(ray.tune.Callback):
             run_id = found.info.run_id if found else None
         if run_id and client.get_run(run_id).info.status == "RUNNING":
             tracking.finish_run(client, run_id, stopped_by, reason)
+
+
+class Progress(ray.tune.Callback):
+    """One status line on stderr every `every` seconds: trial-epochs done of the most the sweep can run,
+    trials running, done, cut and errored, and an ETA from the epoch times seen and the concurrency.
+    (An upper bound while ASHA may still cut trials.)"""
+
+    def __init__(self, trials: int, max_trial_epochs: int, every: float = 30.0):
+        self.trials, self.max_epochs, self.every = trials, max_trial_epochs, every
+        self.epochs, self.seconds, self.done, self.cut, self.errored = 0, 0.0, 0, 0, 0
+        self.running: set[str] = set()
+        self.last = time.monotonic()
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.running.add(trial.trial_id)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self.running.add(trial.trial_id)
+        if "epoch_seconds" in result:
+            self.epochs += 1
+            self.seconds += result["epoch_seconds"]
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.running.discard(trial.trial_id)
+        final = (trial.last_result or {}).get("final", True)
+        self.done += final
+        self.cut += not final
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.running.discard(trial.trial_id)
+        self.errored += 1
+
+    def line(self) -> str:
+        left = max(0, self.max_epochs - self.epochs)
+        if self.epochs and self.running:
+            eta = left * (self.seconds / self.epochs) / len(self.running)
+            eta_text = f"ETA at most {int(eta // 3600)}:{int(eta // 60 % 60):02d}:{int(eta % 60):02d}"
+        else:
+            eta_text = "ETA after the first epochs"
+        return (f"progress: {self.epochs} of at most {self.max_epochs} trial-epochs; trials {len(self.running)} running, "
+                f"{self.done} done, {self.cut} cut, {self.errored} errored of {self.trials}; {eta_text}")
+
+    def on_step_end(self, iteration, trials, **info):
+        if time.monotonic() - self.last >= self.every:
+            self.last = time.monotonic()
+            print(self.line(), file=sys.stderr, flush=True)
 
 
 class GroupScheduler(FIFOScheduler):
