@@ -76,6 +76,10 @@ def test_import_logs_the_sweep_schema_once(tmp_path):
     assert tags["stopped_by"] == "completed" and tags["git_commit"] == "abc" and tags["parts"] == "dropout-mlp"
     assert run.data.params == {k: str(v) for k, v in rec.config.to_dict().items()}
     assert [m.step for m in c.get_metric_history(run_id, "val_loss")] == [1, 2, 3]
+    # the Dataset column: our digest of every array, the split sizes
+    [used] = run.inputs.dataset_inputs
+    assert used.dataset.digest == "d" and used.dataset.name == "synthetic"
+    assert json.loads(used.dataset.profile) == {"train_images": 600, "val_images": 300, "test_images": 300}
     # readable in the UI: a name that says what ran, an experiment that opens on its training runs
     assert run.info.run_name == "mlp d=0.5 bn,relu,dropout s0"
     exp = c.get_experiment_by_name("dropout-mlp")
