@@ -110,6 +110,7 @@ def test_bad_input_is_refused_before_anything_starts(tmp_path, monkeypatch, caps
     (["--threads", "0"], "--threads 0"),
     (["--experiment", "report", "--record", "r"], "composite"),
     (["--experiment", "dropout-mlp"], "add --record DIR"),
+    (["--record", "/proc/nope"], "--record /proc/nope is not a writable folder"),
 ])
 def test_train_refuses_bad_input_in_one_line(tmp_path, monkeypatch, capsys, args, needle):
     monkeypatch.chdir(tmp_path)

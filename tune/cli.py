@@ -48,7 +48,7 @@ def cmd_train(args) -> int:
 
     from tune import data as datasets
     from tune import record
-    from tune.train import network, train
+    from tune.train import train
 
     cfg = config_from_args(args)
     cfg = cfg.replace(data=datasets.resolve(cfg.data), data_dir=os.path.abspath(cfg.data_dir))
@@ -65,6 +65,11 @@ def cmd_train(args) -> int:
                 raise UserError(f"--experiment {name} is a composite or a search; name the grid experiment the run belongs to")
     if (args.experiment or parts or args.resume) and not args.record:
         raise UserError("--experiment, --parts and --resume describe a record; add --record DIR")
+    if args.record:
+        from tune.tracking import can_write_in
+
+        if not can_write_in(Path(args.record).absolute()):
+            raise UserError(f"--record {args.record} is not a writable folder; pass another")
     dataset = datasets.load(cfg.data, cfg.data_dir)
     print(f"training {cfg.model} (dropout {cfg.dropout}, order {cfg.order}) for {cfg.epochs} epochs on {dataset.source}",
           file=sys.stderr)
@@ -76,16 +81,9 @@ def cmd_train(args) -> int:
               file=sys.stderr, flush=True)
 
     if args.record:
-        from tune import tracking
-
         experiment = args.experiment or (parts[0] if parts else None)
         path = Path(args.record) / (record.name_for(experiment, cfg) + record.SUFFIX)
-        sizes = datasets.split(dataset, cfg.val_size, cfg.limit, cfg.eval_limit)
-        data = {"source": dataset.source, "digest": datasets.digest(dataset), "train_images": len(sizes.train_y),
-                "val_images": len(sizes.val_y), "test_images": len(sizes.test_y)}
-        head = record.header(cfg, experiment=experiment, parts=parts or None, data=data, threads=torch.get_num_threads(),
-                             git_commit=tracking.git_commit(), versions=tracking.versions(), smoke=args.smoke_record,
-                             network=str(network(cfg)))
+        head = record.header_for(cfg, dataset, experiment, parts or None, args.smoke_record)
         result = record.run(cfg, dataset, path, head, args.resume, args.checkpoint_every, progress)
         print(f"record: {path}", file=sys.stderr)
     else:

@@ -86,6 +86,21 @@ def header(cfg: TrialConfig, *, experiment: str | None, parts: list[str] | None,
             "started": now_ms()}
 
 
+def header_for(cfg: TrialConfig, dataset, experiment: str | None, parts: list[str] | None, smoke: bool) -> dict:
+    """The header of a record this process trains: the data's digest and split, the threads torch runs, the
+    code's commit and versions, the network's printout."""
+    import torch
+
+    from tune import data, tracking
+    from tune.train import network
+
+    sizes = data.split(dataset, cfg.val_size, cfg.limit, cfg.eval_limit)
+    info = {"source": dataset.source, "digest": data.digest(dataset), "train_images": len(sizes.train_y),
+            "val_images": len(sizes.val_y), "test_images": len(sizes.test_y)}
+    return header(cfg, experiment=experiment, parts=parts, data=info, threads=torch.get_num_threads(),
+                  git_commit=tracking.git_commit(), versions=tracking.versions(), smoke=smoke, network=str(network(cfg)))
+
+
 def read(path: Path) -> Record:
     """A record, up to its last complete epoch. RecordError if it has no readable header."""
     try:
