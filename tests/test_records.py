@@ -137,6 +137,10 @@ def test_recorded_runs_match_a_sweep_and_a_killed_one_keeps_its_epochs(tmp_path)
     epochs = [s for s, _ in history(client_i, killed)]
     recorded = record.read(next((tmp_path / "recs").glob("*-s1.jsonl")))
     assert len(epochs) >= 2 and epochs == [e["epoch"] for e in recorded.epochs] and killed.info.status == "KILLED"
+    # and the sweep's own run trains again, without Ray, to the same curves
+    p = subprocess.run([PYTHON, "-m", "tune", "rerun", swept.info.run_id], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0 and json.loads(p.stdout.strip().splitlines()[-1])["matched"] is True, p.stderr[-2000:]
     # and the report reads them like any sweep
     from analysis.__main__ import main
 

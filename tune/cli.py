@@ -168,6 +168,17 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_rerun(args) -> int:
+    from tune import tracking
+    from tune.rerun import rerun
+
+    result, matched = rerun(tracking.resolve_uri(args.tracking_uri), args.run_id, args.data)
+    print(f"every logged per-epoch metric {'matched' if matched else 'did NOT match'} "
+          f"({result['epochs_compared']} epochs)", file=sys.stderr)
+    print(json.dumps({**result, "matched": matched}))
+    return 0 if matched else 1
+
+
 def cmd_links(args) -> int:
     from analysis.fetch import study_experiments
     from tune import tracking
@@ -292,6 +303,15 @@ def build_parser() -> Parser:
     export_p.add_argument("--out", required=True, metavar="DIR", help="folder for the records")
     export_p.add_argument("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)")
     export_p.set_defaults(run=cmd_export)
+    rerun_p = sub.add_parser("rerun", help="train a logged run again without Ray and check its curves match",
+                             description="Rebuild a run's config from its MLflow params and train it again, at its "
+                                         "logged thread count, on data with its logged digest. Prints train's JSON "
+                                         "line with `matched`: whether every logged per-epoch metric came out the "
+                                         "same. Exit 1 when one did not.")
+    rerun_p.add_argument("run_id", help="the MLflow run id")
+    rerun_p.add_argument("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)")
+    rerun_p.add_argument("--data", help="the run's data at another place (its digest must match)")
+    rerun_p.set_defaults(run=cmd_rerun)
     links_p = sub.add_parser("links", help="print a link to each experiment's runs table in the MLflow UI")
     links_p.add_argument("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)")
     links_p.add_argument("--server", help=f"the UI's address (default: the tracking server, else {UI})")
