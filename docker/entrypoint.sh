@@ -98,7 +98,7 @@ EOF
 wait_for_mlflow() {
     log "waiting for MLflow at $MLFLOW_TRACKING_URI"
     "$PYTHON" - <<'EOF' || die "MLflow is not usable (see above)"
-import base64, os, sys, time, urllib.error, urllib.request
+import base64, os, sys, time, urllib.error, urllib.parse, urllib.request
 
 uri = os.environ["MLFLOW_TRACKING_URI"].rstrip("/")
 deadline = time.monotonic() + float(os.environ.get("WAIT_TIMEOUT", "120"))
@@ -116,6 +116,11 @@ req = urllib.request.Request(uri + "/api/2.0/mlflow/experiments/search?max_resul
 try:
     urllib.request.urlopen(req, timeout=10).read()
 except urllib.error.HTTPError as e:
+    if e.code == 403 and b"Invalid Host header" in e.read():
+        host = urllib.parse.urlsplit(uri).netloc
+        sys.exit(f"MLflow at {uri} refused the Host header {host!r} (its guard against DNS rebinding), not the "
+                 f"login; set CLUSTER_HEAD_IP in .env on the head's host to this address (or add it to "
+                 f"MLFLOW_ALLOWED_HOSTS) and restart MLflow")
     sys.exit(f"MLflow at {uri} refused user {user!r} (HTTP {e.code}); check MLFLOW_TRACKING_USERNAME "
              f"and MLFLOW_TRACKING_PASSWORD (the admin password in .env)")
 EOF
@@ -163,6 +168,14 @@ start_mlflow() {
     # list would replace, plus the compose service name, plus whatever the operator adds.
     local hosts="mlflow,mlflow:*,localhost,localhost:*,127.0.0.1,127.0.0.1:*,10.*,192.168.*" i
     for i in $(seq 16 31); do hosts+=",172.$i.*"; done
+    # Multi-host: trials on other hosts reach MLflow at the head's private address, which may lie outside
+    # the ranges above (Tailscale hands out 100.64.0.0/10 and fd7a: addresses). fnmatch needs [ escaped.
+    if [ -n "${CLUSTER_HEAD_IP:-}" ]; then
+        case $CLUSTER_HEAD_IP in
+            *:*) hosts+=",[$CLUSTER_HEAD_IP],[[]$CLUSTER_HEAD_IP]:*" ;;
+            *) hosts+=",$CLUSTER_HEAD_IP,$CLUSTER_HEAD_IP:*" ;;
+        esac
+    fi
     export MLFLOW_SERVER_ALLOWED_HOSTS="$hosts${MLFLOW_SERVER_ALLOWED_HOSTS:+,$MLFLOW_SERVER_ALLOWED_HOSTS}"
     export PGHOST PGPORT PGUSER PGPASSWORD PGDATABASE MLFLOW_FLASK_SERVER_SECRET_KEY
     case $PGUSER$PGDATABASE in

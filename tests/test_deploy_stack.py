@@ -69,9 +69,11 @@ def _is_free(port: int) -> bool:
             return False
 
 
-def http(method: str, url: str, auth: tuple[str, str] | None = None, token: str | None = None, body=None, raw=None):
-    """(status, body text) of one request; HTTP errors are answers, not exceptions."""
-    headers = {}
+def http(method: str, url: str, auth: tuple[str, str] | None = None, token: str | None = None, body=None, raw=None,
+         host: str | None = None):
+    """(status, body text) of one request; HTTP errors are answers, not exceptions. `host` sets the Host header
+    (the request still goes to the URL's address)."""
+    headers = {"Host": host} if host else {}
     if auth:
         headers["Authorization"] = "Basic " + base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
     if token:
@@ -272,7 +274,7 @@ def stack(tmp_path_factory):
             MLFLOW_ADMIN_USERNAME=ADMIN, MLFLOW_ADMIN_PASSWORD=s["password"],
             MLFLOW_FLASK_SERVER_SECRET_KEY=secrets.token_hex(32), MLFLOW_HOST="127.0.0.1", MLFLOW_PORT=mlflow_port,
             MLFLOW_DATA_DIR=s["mlflow_data"], MLFLOW_AUTH_CONFIG_PATH=s["auth_config"],
-            MLFLOW_WORKERS=2, WAIT_TIMEOUT=60))
+            MLFLOW_WORKERS=2, WAIT_TIMEOUT=60, CLUSTER_HEAD_IP=TAILSCALE_HEAD))
         # The head waits for MLflow itself: starting it now overlaps the two startups.
         services.start("ray-head", [ENTRY, "head"], services.env(
             **node(node_ports[:6], ray_tmps[0]), RAY_GCS_PORT=gcs, RAY_DASHBOARD_HOST="127.0.0.1", RAY_DASHBOARD_PORT=dashboard,
@@ -294,6 +296,21 @@ def stack(tmp_path_factory):
         services.stop_marked()
         for path in ray_tmps:
             shutil.rmtree(path, ignore_errors=True)
+
+
+TAILSCALE_HEAD = "100.101.102.103"  # a head's address on a Tailscale network: outside the private ranges
+
+
+def test_mlflow_answers_the_head_address_and_refuses_other_hosts_with_its_own_message(stack):
+    """Trials on other hosts send the head's address as Host; the request itself goes to loopback only."""
+    s = stack
+    url = s["mlflow"] + "/api/2.0/mlflow/experiments/search?max_results=1"
+    port = s["mlflow"].rsplit(":", 1)[1]
+    status, _ = http("GET", url, host=f"{TAILSCALE_HEAD}:{port}")
+    assert status == 401  # past the Host check, at the login
+    assert http("GET", url, host=f"{TAILSCALE_HEAD}:{port}", auth=(ADMIN, s["password"]))[0] == 200
+    status, text = http("GET", url, host=f"100.64.0.9:{port}")
+    assert status == 403 and "Invalid Host header" in text  # not a 401: nothing about passwords
 
 
 def alive_nodes(jobs: str, token: str) -> int:
