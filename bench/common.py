@@ -51,7 +51,7 @@ def versions() -> dict:
 
 
 def git_commit() -> str:
-    from tune.tracking import git_commit as commit_of  # imports neither Ray nor MLflow
+    from tune.provenance import git_commit as commit_of  # imports neither Ray nor MLflow
 
     return commit_of(str(REPO))
 

@@ -35,7 +35,7 @@ logs:
 	$(DC) logs --follow --tail=100 $(SERVICE)
 
 sweep-cluster: install
-	ENV_FILE=$(ENV_FILE) RAY=$(VENV)/bin/ray docker/sweep-cluster.sh $(EXP) $(if $(SMOKE),--smoke) \
+	ENV_FILE=$(ENV_FILE) RAY=$(VENV)/bin/ray PYTHON=$(PY) docker/sweep-cluster.sh $(EXP) $(if $(SMOKE),--smoke) \
 		$(if $(DATA),--data $(DATA)) $(if $(SEEDS),--seeds $(SEEDS)) $(if $(SCHEDULER),--scheduler $(SCHEDULER)) \
 		$(if $(RESUME),--resume) $(SWEEP_ARGS)
 

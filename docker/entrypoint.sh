@@ -97,33 +97,9 @@ EOF
 # now rather than failing every trial of the first sweep.
 wait_for_mlflow() {
     log "waiting for MLflow at $MLFLOW_TRACKING_URI"
-    "$PYTHON" - <<'EOF' || die "MLflow is not usable (see above)"
-import base64, os, sys, time, urllib.error, urllib.parse, urllib.request
-
-uri = os.environ["MLFLOW_TRACKING_URI"].rstrip("/")
-deadline = time.monotonic() + float(os.environ.get("WAIT_TIMEOUT", "120"))
-while True:
-    try:
-        urllib.request.urlopen(uri + "/health", timeout=5).read()
-        break
-    except (urllib.error.URLError, OSError) as e:
-        if time.monotonic() > deadline:
-            sys.exit(f"MLflow at {uri} did not answer /health: {getattr(e, 'reason', e)}")
-        time.sleep(1)
-user, password = os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]
-req = urllib.request.Request(uri + "/api/2.0/mlflow/experiments/search?max_results=1", headers={
-    "Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()})
-try:
-    urllib.request.urlopen(req, timeout=10).read()
-except urllib.error.HTTPError as e:
-    if e.code == 403 and b"Invalid Host header" in e.read():
-        host = urllib.parse.urlsplit(uri).netloc
-        sys.exit(f"MLflow at {uri} refused the Host header {host!r} (its guard against DNS rebinding), not the "
-                 f"login; set CLUSTER_HEAD_IP in .env on the head's host to this address (or add it to "
-                 f"MLFLOW_ALLOWED_HOSTS) and restart MLflow")
-    sys.exit(f"MLflow at {uri} refused user {user!r} (HTTP {e.code}); check MLFLOW_TRACKING_USERNAME "
-             f"and MLFLOW_TRACKING_PASSWORD (the admin password in .env)")
-EOF
+    # The same check a sweep makes before it starts (tune.tracking.check_reachable), waiting while MLflow starts.
+    "$PYTHON" -m tune check-tracking "$MLFLOW_TRACKING_URI" --wait "${WAIT_TIMEOUT:-120}" \
+        || die "MLflow is not usable (see above)"
 }
 
 write_auth_config() {

@@ -25,9 +25,8 @@ address=${RAY_JOBS_ADDRESS:-http://127.0.0.1:${port:-8265}}
 storage=${CLUSTER_STORAGE_PATH:-/mnt/ray-storage}
 data_dir=${CLUSTER_DATA_DIR:-/data}
 
-# The uploaded copy has no .git: tell the runs which commit they ran.
-commit=$(git rev-parse HEAD 2>/dev/null || echo unknown)
-[ -z "$(git status --porcelain --untracked-files=no 2>/dev/null)" ] || commit="$commit-dirty"
+# The uploaded copy has no .git: tell the runs which commit they ran (as a local sweep would name it).
+commit=$(TUNE_GIT_COMMIT='' "${PYTHON:-python3}" -c 'from tune.provenance import git_commit; print(git_commit())')
 
 # --working-dir ships this checkout (less what .gitignore lists), so the cluster runs the code you
 # see here; the image supplies the pinned dependencies.

@@ -170,6 +170,10 @@ def test_head_command_line(tmp_path):
             self.end_headers()
             self.wfile.write(b"{}")
 
+        def do_POST(self):  # the client's experiments/search
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            self.do_GET()
+
         def log_message(self, *args):
             pass
 

@@ -7,7 +7,7 @@ import pytest
 from conftest import PYTHON, ROOT
 
 # What `tune train --record` and `tune study` need on a machine with torch and nothing else.
-CORE = ["tune.config", "tune.data", "tune.train", "tune.record", "tune.fanout", "tune.cli", "models"]
+CORE = ["tune.config", "tune.data", "tune.train", "tune.record", "tune.fanout", "tune.cli", "tune.provenance", "models"]
 
 
 @pytest.mark.parametrize("heavy", ["ray", "mlflow"])

@@ -179,6 +179,15 @@ def cmd_rerun(args) -> int:
     return 0 if matched else 1
 
 
+def cmd_check_tracking(args) -> int:
+    from tune import tracking
+
+    uri = tracking.resolve_uri(args.tracking_uri)
+    tracking.check_reachable(uri, args.wait)
+    print(f"runs can be logged to {uri}", file=sys.stderr)
+    return 0
+
+
 def cmd_links(args) -> int:
     from analysis.fetch import study_experiments
     from tune import tracking
@@ -312,6 +321,10 @@ def build_parser() -> Parser:
     rerun_p.add_argument("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)")
     rerun_p.add_argument("--data", help="the run's data at another place (its digest must match)")
     rerun_p.set_defaults(run=cmd_rerun)
+    check_p = sub.add_parser("check-tracking", help="check that runs can be logged to an MLflow store (exit 2 if not)")
+    check_p.add_argument("tracking_uri", nargs="?", help="default: MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db")
+    check_p.add_argument("--wait", type=float, default=0, help="seconds to keep asking a server that does not answer yet")
+    check_p.set_defaults(run=cmd_check_tracking)
     links_p = sub.add_parser("links", help="print a link to each experiment's runs table in the MLflow UI")
     links_p.add_argument("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)")
     links_p.add_argument("--server", help=f"the UI's address (default: the tracking server, else {UI})")

@@ -91,14 +91,14 @@ def header_for(cfg: TrialConfig, dataset, experiment: str | None, parts: list[st
     code's commit and versions, the network's printout."""
     import torch
 
-    from tune import data, tracking
+    from tune import data, provenance
     from tune.train import network
 
     sizes = data.split(dataset, cfg.val_size, cfg.limit, cfg.eval_limit)
     info = {"source": dataset.source, "digest": data.digest(dataset), "train_images": len(sizes.train_y),
             "val_images": len(sizes.val_y), "test_images": len(sizes.test_y)}
     return header(cfg, experiment=experiment, parts=parts, data=info, threads=torch.get_num_threads(),
-                  git_commit=tracking.git_commit(), versions=tracking.versions(), smoke=smoke, network=str(network(cfg)))
+                  git_commit=provenance.git_commit(), versions=provenance.versions(), smoke=smoke, network=str(network(cfg)))
 
 
 def read(path: Path) -> Record:

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tune import catalogue, tracking
+from tune import catalogue, provenance, tracking
 from tune import data as datasets
 from tune.config import TrialConfig, UserError
 
@@ -312,7 +312,7 @@ def run(args: SweepArgs) -> int:
     client = tracking.client(uri)
     for name in p.experiments:
         tracking.experiment_id(client, name)
-    ctx = SweepContext(sweep_id, uri, p.schedulers, args.checkpoint_every, tracking.git_commit(), tracking.versions(),
+    ctx = SweepContext(sweep_id, uri, p.schedulers, args.checkpoint_every, provenance.git_commit(), provenance.versions(),
                        args.smoke, datasets.digest(dataset))
     trainable = ray.tune.with_resources(
         ray.tune.with_parameters(run_trial, dataset=dataset, sweep=ctx),

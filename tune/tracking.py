@@ -19,7 +19,6 @@ The schema (what analysis/ reads):
 
 import contextlib
 import os
-import subprocess
 import time
 import urllib.error
 import urllib.parse
@@ -67,8 +66,9 @@ def can_write_in(folder: Path) -> bool:
                 p.rmdir()
 
 
-def check_reachable(uri: str) -> None:
-    """Raise UserError unless runs can be written to `uri`. Creates nothing."""
+def check_reachable(uri: str, wait: float = 0) -> None:
+    """Raise UserError unless runs can be written to `uri`. Creates nothing. With `wait` (seconds), a server
+    that does not answer yet is asked again until then: a stack that is starting up."""
     fix = "start the server or pass --tracking-uri (or MLFLOW_TRACKING_URI) for one that is up"
     if uri.startswith("sqlite:///") or uri.startswith("file:"):
         path = Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite") else Path(urllib.parse.urlparse(uri).path)
@@ -77,14 +77,24 @@ def check_reachable(uri: str) -> None:
             raise UserError(f"tracking store {uri} is not writable; pass --tracking-uri with a writable path")
         return
     if uri.startswith(("http://", "https://")):
-        try:
-            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5).read()
-        except (urllib.error.URLError, OSError, ValueError) as e:
-            reason = getattr(e, "reason", e)
-            raise UserError(f"tracking server {uri} is unreachable ({reason}); {fix}") from None
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5).read()
+                break
+            except (urllib.error.URLError, OSError, ValueError) as e:
+                if time.monotonic() >= deadline:
+                    reason = getattr(e, "reason", e)
+                    raise UserError(f"tracking server {uri} is unreachable: it did not answer /health ({reason}); "
+                                    f"{fix}") from None
+                time.sleep(1)
         try:
             client(uri).search_experiments(max_results=1)
         except Exception as e:  # noqa: BLE001 - auth and protocol errors all mean: cannot log here
+            if "Invalid Host header" in str(e):
+                raise UserError(f"tracking server {uri} refused the Host header {urllib.parse.urlsplit(uri).netloc!r} "
+                                f"(its guard against DNS rebinding), not the login; allow that address on the server "
+                                f"(in the Docker stack: CLUSTER_HEAD_IP or MLFLOW_ALLOWED_HOSTS in .env)") from None
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UserError(f"tracking server {uri} refused a request ({first}); check MLFLOW_TRACKING_USERNAME "
                             f"and MLFLOW_TRACKING_PASSWORD") from None
@@ -151,31 +161,6 @@ def sweep_runs(mlflow_client, experiments: list[str], sweep_id: str) -> list:
     if not ids:
         return []
     return list(mlflow_client.search_runs(ids, f"tags.sweep_id = '{sweep_id}'", max_results=10000))
-
-
-def git_commit(cwd: str | None = None) -> str:
-    # A job submitted to a cluster runs a copy of the code without .git: its submitter says.
-    if os.environ.get("TUNE_GIT_COMMIT"):
-        return os.environ["TUNE_GIT_COMMIT"]
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def versions() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    parts = []
-    for pkg in ("torch", "ray", "mlflow", "optuna", "numpy"):
-        try:
-            parts.append(f"{pkg}={version(pkg)}")
-        except PackageNotFoundError:
-            pass
-    return " ".join(parts)
 
 
 def log_dataset(mlflow_client, run_id: str, cfg: TrialConfig, tags: dict) -> None:
