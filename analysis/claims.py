@@ -353,7 +353,8 @@ def judge(runs: pd.DataFrame, smoke: bool) -> pd.DataFrame:
         if smoke:
             verdict, why = "not testable", "smoke-sized runs show the pipeline works; they are not evidence"
         elif verdict != "not testable" and f.runs is not None and int(f.runs["epochs"].max()) < STUDY_EPOCHS:
-            why = (why + "; " if why else "") + f"at {int(f.runs['epochs'].max())} epochs, not the study's {STUDY_EPOCHS}"
+            epochs = "/".join(str(e) for e in sorted(set(f.runs["epochs"].astype(int))))
+            why = (why + "; " if why else "") + f"at {epochs} epochs, not the study's {STUDY_EPOCHS}"
         rows.append({"claim": c.id, "statement": c.text, "original": c.original, "ours": f.ours,
                      "budget": budget(f.runs), "verdict": verdict, "why": why, "rule": c.rule})
     return pd.DataFrame(rows)
