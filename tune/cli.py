@@ -207,19 +207,28 @@ def cmd_study(args) -> int:
     return fanout.run(fanout.StudyArgs(**{k: v for k, v in vars(args).items() if k in fields}))
 
 
+TRACKING_HELP = "MLflow store (default: MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)"
+
+
+def add_trial_list_options(p: argparse.ArgumentParser) -> None:
+    """What picks a grid experiment's trials: the same for `sweep` and `study`."""
+    p.add_argument("--smoke", action="store_true", help="tiny sizes (2,000 training images, 1,000 eval images, 3 epochs)")
+    p.add_argument("--seeds", type=int, default=1, help="repeat every configuration with K seeds (default: 1)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="fix a config field for every trial, e.g. --set epochs=30; mlp.KEY or cnn.KEY for one model")
+    p.add_argument("--grid", action="append", metavar="KEY=V1,V2",
+                   help="replace (or add) one grid axis, e.g. --grid dropout=0.1,0.5,0.9")
+    p.add_argument("--data", help="dataset for every trial (default: cifar10); see `train --help`")
+
+
 def add_sweep_options(p: argparse.ArgumentParser) -> None:
     from tune.sweep import SweepArgs
 
     d = SweepArgs(experiment="")
     p.add_argument("experiment", nargs="?", default=None,
                    help="catalogue experiment (see `list`; default: report; with --resume: the resumed sweep's)")
-    p.add_argument("--smoke", action="store_true", help="tiny sizes (2,000 training images, 1,000 eval images, 3 epochs)")
-    p.add_argument("--seeds", type=int, default=d.seeds, help="repeat every configuration with K seeds (default: 1)")
+    add_trial_list_options(p)
     p.add_argument("--samples", type=int, default=None, help="trials an Optuna search draws (default: the experiment's)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="fix a config field for every trial, e.g. --set epochs=30; mlp.KEY or cnn.KEY for one model")
-    p.add_argument("--grid", action="append", metavar="KEY=V1,V2",
-                   help="replace (or add) one grid axis, e.g. --grid dropout=0.1,0.5,0.9")
     p.add_argument("--scheduler", choices=("asha", "fifo"),
                    help="default: each experiment's own (see `list`): ASHA for dropout grids and searches, FIFO for "
                         "ablations and orders; a composite such as report runs every part under its own. Given, it "
@@ -230,11 +239,10 @@ def add_sweep_options(p: argparse.ArgumentParser) -> None:
                         "experiment's fraction of its epochs, see `list`)")
     p.add_argument("--reduction-factor", type=int,
                    help="ASHA: keep 1/N at each rung, for every ASHA part of a composite (default: the experiment's, see `list`)")
-    p.add_argument("--data", help="dataset for every trial (default: cifar10); see `train --help`")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray instance)")
     p.add_argument("--storage", default=d.storage,
                    help="results and checkpoints (default: ./ray_results); on a multi-node cluster a shared path or cloud URI")
-    p.add_argument("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)")
+    p.add_argument("--tracking-uri", help=TRACKING_HELP)
     p.add_argument("--cpus-per-trial", type=float, default=d.cpus_per_trial, help="CPUs per trial (default: 1)")
     p.add_argument("--gpus-per-trial", type=float, help="GPUs per trial, fractions pack trials (default: 0.25 with GPUs, else 0)")
     p.add_argument("--max-concurrent", type=int,
@@ -286,11 +294,7 @@ def build_parser() -> Parser:
                                          "the same command skips finished records and continues cut-short ones.")
     study_p.add_argument("experiment", help="catalogue grid experiment (see `list`), e.g. report")
     study_p.add_argument("--record", required=True, metavar="DIR", help="folder for the run records (and their logs)")
-    study_p.add_argument("--smoke", action="store_true", help="tiny sizes, as for sweep")
-    study_p.add_argument("--seeds", type=int, default=1, help="seeds per configuration (default: 1)")
-    study_p.add_argument("--set", action="append", metavar="KEY=VALUE", help="as for sweep")
-    study_p.add_argument("--grid", action="append", metavar="KEY=V1,V2", help="as for sweep")
-    study_p.add_argument("--data", help="dataset for every trial (default: cifar10)")
+    add_trial_list_options(study_p)
     study_p.add_argument("--per-gpu", type=int, default=4, help="trials at once on each GPU (default: 4)")
     study_p.add_argument("--workers", type=int, help="trials at once without GPUs (default: CPUs / --threads)")
     study_p.add_argument("--threads", type=int, default=1, help="torch threads per trial (default: 1, as a sweep trial)")
@@ -303,14 +307,14 @@ def build_parser() -> Parser:
                                           "A damaged record is skipped with one line (exit 2 once the rest are in); "
                                           "a killed run's record is imported up to its last complete epoch.")
     import_p.add_argument("records", nargs="+", metavar="PATH", help="record files, or folders of *.jsonl records")
-    import_p.add_argument("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)")
+    import_p.add_argument("--tracking-uri", help=TRACKING_HELP)
     import_p.add_argument("--sweep-id", help="the sweep_id of records that carry none (default: import-DATE-TIME)")
     import_p.add_argument("--experiment", help="the catalogue experiment of records that name none (a lone train run)")
     import_p.set_defaults(run=cmd_import)
     export_p = sub.add_parser("export", help="write a sweep's runs as run records (what docs/study/records holds)")
     export_p.add_argument("--sweep-id", required=True, help="the sweep to export")
     export_p.add_argument("--out", required=True, metavar="DIR", help="folder for the records")
-    export_p.add_argument("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)")
+    export_p.add_argument("--tracking-uri", help=TRACKING_HELP)
     export_p.set_defaults(run=cmd_export)
     rerun_p = sub.add_parser("rerun", help="train a logged run again without Ray and check its curves match",
                              description="Rebuild a run's config from its MLflow params and train it again, at its "
@@ -318,7 +322,7 @@ def build_parser() -> Parser:
                                          "line with `matched`: whether every logged per-epoch metric came out the "
                                          "same. Exit 1 when one did not.")
     rerun_p.add_argument("run_id", help="the MLflow run id")
-    rerun_p.add_argument("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)")
+    rerun_p.add_argument("--tracking-uri", help=TRACKING_HELP)
     rerun_p.add_argument("--data", help="the run's data at another place (its digest must match)")
     rerun_p.set_defaults(run=cmd_rerun)
     check_p = sub.add_parser("check-tracking", help="check that runs can be logged to an MLflow store (exit 2 if not)")
@@ -326,7 +330,7 @@ def build_parser() -> Parser:
     check_p.add_argument("--wait", type=float, default=0, help="seconds to keep asking a server that does not answer yet")
     check_p.set_defaults(run=cmd_check_tracking)
     links_p = sub.add_parser("links", help="print a link to each experiment's runs table in the MLflow UI")
-    links_p.add_argument("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)")
+    links_p.add_argument("--tracking-uri", help=TRACKING_HELP)
     links_p.add_argument("--server", help=f"the UI's address (default: the tracking server, else {UI})")
     links_p.set_defaults(run=cmd_links)
     list_p = sub.add_parser("list", help="print the experiment catalogue")
