@@ -200,3 +200,29 @@ def test_an_exported_sweep_imports_as_it_was(tmp_path, monkeypatch):
         for key in ("val_loss", "train_loss", "best_val_loss", "test_acc", "best_epoch"):
             assert [(m.step, m.value) for m in sorted(c.get_metric_history(now.info.run_id, key), key=lambda m: m.step)] \
                 == [(m.step, m.value) for m in sorted(src.get_metric_history(original, key), key=lambda m: m.step)], key
+
+
+def test_concurrent_trials_log_the_same_new_dataset_without_a_clash(tmp_path):
+    """MLflow's SQL store races to create a dataset row; trials starting together must all link it."""
+    import threading
+
+    from tune.config import TrialConfig
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    c = tracking.client(uri)
+    runs = [c.create_run(tracking.experiment_id(c, "dropout-mlp")).info.run_id for _ in range(8)]
+    errors = []
+
+    def log(run_id):
+        try:
+            tracking.log_dataset(tracking.client(uri), run_id, TrialConfig(data="synthetic"),
+                                 {"data_digest": "ab" * 32, "train_images": "10"})
+        except Exception as e:  # noqa: BLE001 - the test reports what failed
+            errors.append(e)
+
+    threads = [threading.Thread(target=log, args=(r,)) for r in runs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and all(len(c.get_run(r).inputs.dataset_inputs) == 1 for r in runs)

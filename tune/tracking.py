@@ -175,7 +175,17 @@ def log_dataset(mlflow_client, run_id: str, cfg: TrialConfig, tags: dict) -> Non
     dataset = Dataset(name=name, digest=tags["data_digest"][:36], source_type="local",
                       source=json.dumps({"data": relative(cfg.data), "sha256": tags["data_digest"]}),
                       profile=json.dumps(profile))
-    mlflow_client.log_inputs(run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", "training")])])
+    inputs = [DatasetInput(dataset, [InputTag("mlflow.data.context", "training")])]
+    # Concurrent trials race to create the experiment's dataset row: MLflow's SQL store looks it up, then
+    # inserts, and the loser hits the unique constraint. Its next try finds the row and only links it.
+    for attempt in range(5):
+        try:
+            mlflow_client.log_inputs(run_id, inputs)
+            return
+        except Exception:  # noqa: BLE001 - MlflowException wrapping the store's IntegrityError
+            if attempt == 4:
+                raise
+            time.sleep(0.2 * (attempt + 1))
 
 
 class TrialRun:
