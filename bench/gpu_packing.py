@@ -53,6 +53,9 @@ OPTIONS = {
 SIZES = {
     "full": {"epochs": 40, "packing": (1, 2, 4, 8), "mlp_packing": (1, 4, 8), "options": list(OPTIONS)},
     "quick": {"epochs": 20, "packing": (1, 2, 4, 8), "mlp_packing": (1, 4, 8), "options": list(OPTIONS)},
+    # About two minutes: what fits beside the study in one 15-minute GPU lease (bench/gpu-lease.sh).
+    "short": {"epochs": 8, "packing": (1, 4, 8, 16), "mlp_packing": (1, 4, 8), "options": ["defaults", "amp=bf16", "channels_last",
+                                                                                       "torch BN+Dropout"]},
     # A dry run of the mechanics on the CPU (tests, or a machine without a GPU).
     "tiny": {"epochs": 3, "packing": (1, 2), "mlp_packing": (1,), "options": ["defaults", "amp=bf16", "torch BN+Dropout"],
              "channels": "8,16", "limit": 600},
@@ -150,7 +153,7 @@ def run_group(spec: dict, n: int) -> dict:
 def run(args) -> dict:
     if args.prepare:
         return prepare(args.data, args.data_dir)
-    variant = "tiny" if args.tiny else "quick" if args.quick else "full"
+    variant = "tiny" if args.tiny else "short" if args.short else "quick" if args.quick else "full"
     size = SIZES[variant]
     if args.device == "cuda" and not torch.cuda.is_available():
         print(f"{NAME}: no CUDA device here; run it where one is (see bench/gpu_packing.py), "
