@@ -36,7 +36,7 @@ tar czf "$OUT/gpu-study-records.tar.gz" --exclude='*.state.pt' -C "$RECORDS" .
 
 if [ -z "${SKIP_BENCH:-}" ]; then
     $PY -m bench gpu-packing --prepare --data "$DATA" --data-dir data >"$OUT/bench.log" 2>&1 &&
-        $PY -m bench gpu-packing --short --out "$OUT" >>"$OUT/bench.log" 2>&1
+        timeout "${BENCH_SECONDS:-180}" $PY -m bench gpu-packing --short --out "$OUT" >>"$OUT/bench.log" 2>&1
 fi
 nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv >>"$OUT/gpu.txt" 2>&1
 tail -3 "$OUT/study.log"
