@@ -66,8 +66,7 @@ class Evidence:
     """The completed runs of each experiment, and the study's arms picked from them."""
 
     def __init__(self, runs: pd.DataFrame):
-        done = runs[(runs["stopped_by"] == "completed") & (runs["epochs_run"] >= runs["epochs"])]
-        self.runs = done
+        self.runs = tables.full_budget(runs)
 
     def of(self, experiment: str, model: str | None = None, **fields) -> pd.DataFrame:
         r = self.runs[self.runs["experiment"] == experiment]

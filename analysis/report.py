@@ -132,6 +132,16 @@ class Context:
         return [Panel(title, ylabel, self.lines(table, metric, colors), scale) for title, metric, ylabel, scale in FOUR_PANELS]
 
 
+def budget_note(runs: pd.DataFrame) -> str:
+    """A comparison's arms get the same budget: say whether every run had it."""
+    runs = runs.drop_duplicates("run_id")
+    short = len(runs) - len(tables.full_budget(runs))
+    if not short:
+        return "Every arm ran its whole budget."
+    return (f"{short} of {len(runs)} runs stopped before their whole budget (see `stopped`): "
+            "they are shown, but no comparison uses them.")
+
+
 def seeds_note(table: pd.DataFrame) -> str:
     if (table["seeds"] >= 2).any():
         return f"Cells are mean ± std [{CONFIDENCE:.0%} CI of the mean] over the seeds of each configuration."
@@ -180,7 +190,7 @@ def plan_comparisons(ctx: Context, experiments: list[catalogue.Experiment]) -> N
     """Every comparison on test accuracy, made up front so the Holm correction sees the whole family."""
     for exp in experiments:
         if exp.analysis in COMPARISONS:
-            ctx.comparisons += COMPARISONS[exp.analysis](exp, ctx.of(exp.name))
+            ctx.comparisons += COMPARISONS[exp.analysis](exp, tables.full_budget(ctx.of(exp.name)))
     tables.adjust(ctx.comparisons)
 
 
@@ -279,7 +289,7 @@ def section_ablation(ctx: Context, exp: catalogue.Experiment) -> None:
                           "dropout": table["config_key"].map(first["dropout"]),
                           **stat_columns(table, MIN_VAL, BEST_EPOCH, TEST_LOSS, TEST_ACC), **stop_columns(table)})
     r.table(f"{exp.name}", shown, csv_of(table, ["model", "variant"], tables.RUN_METRICS),
-            caption=f"With against without {long}, `{exp.name}`; every arm runs its whole budget. {seeds_note(table)}")
+            caption=f"With against without {long}, `{exp.name}`. {budget_note(runs)} {seeds_note(table)}")
     r.bullets([sentence(c, tested(ctx)) for c in ctx.comparisons if c.section == exp.name])
     for model in sorted(runs["model"].unique()):
         part = table[table["model"] == model]
@@ -306,7 +316,7 @@ def section_orders(ctx: Context, exp: catalogue.Experiment) -> None:
                           f"Δ test acc vs {exp.reference} (points)": diff, "p (Welch)": p,
                           **stat_columns(table, TEST_LOSS, MIN_VAL, BEST_EPOCH), **stop_columns(table)})
     r.table(f"{exp.name}", shown, csv_of(table, ["order"], tables.RUN_METRICS),
-            caption=f"Block orders of `{exp.name}`, best test accuracy first. {seeds_note(table)}")
+            caption=f"Block orders of `{exp.name}`, best test accuracy first. {budget_note(runs)} {seeds_note(table)}")
     r.bullets([sentence(c, tested(ctx)) for c in comparisons.values()])
     colors = figures.category_colors(len(table))
     path = figures.curves(r.figure_path(f"{exp.name}_curves"), f"Block orders ({exp.name})",
@@ -408,7 +418,7 @@ def section_rate_effects(ctx: Context) -> None:
                               panels, legend_title="dropout")
         r.figure(path, f"{name} train loss and accuracy, one line per dropout rate.")
         runs = ctx.of(exp)
-        done = runs[(runs["stopped_by"] == "completed") & (runs["epochs_run"] == runs["epochs"])]
+        done = tables.full_budget(runs)
         rho, p = tables.spearman(done["dropout"], done["final_train_loss"])
         if np.isfinite(rho):
             verdict = "supports" if rho > 0 and p < ALPHA else "does not support"
@@ -453,7 +463,8 @@ def section_seeds(ctx: Context) -> None:
         data = pd.DataFrame([{"experiment": c.section, "comparison": c.name, "metric": c.metric,
                               **{f"{side}_{k}": v for side, st in (("a", c.a), ("b", c.b)) for k, v in vars(st).items()},
                               "difference": c.diff, "p_welch": c.p, "p_holm": c.p_holm} for c in ctx.comparisons])
-        r.table("comparisons", pd.DataFrame(rows), data, caption=f"Every comparison of {HOLM_FAMILY} on test accuracy.")
+        r.table("comparisons", pd.DataFrame(rows), data, caption=f"Every comparison of {HOLM_FAMILY} on test accuracy, between runs that "
+                                                                "ran their whole budget.")
 
 
 def section_scheduler(ctx: Context) -> None:
@@ -557,11 +568,14 @@ def provenance(runs: pd.DataFrame, smoke: bool, command: str, machine: str) -> d
         return "/".join(str(v) for v in values) or "none"
 
     seeds = distinct.groupby("config_key")["seed"].nunique()
+    full = tables.full_budget(distinct)
+    completed = ", ".join(f"{m} {int((full['model'] == m).sum())} of {int((distinct['model'] == m).sum())}"
+                          for m in ("mlp", "cnn") if (distinct["model"] == m).any())
     end = distinct["end_time"].max() if distinct["end_time"].notna().any() else distinct["start_time"].max()
     return {"command": command, "commit": ", ".join(sorted(distinct["git_commit"].fillna("unknown").unique())),
             "smoke": str(smoke).lower(), "mlp_epochs": of("mlp", "epochs"), "mlp_train_images": of("mlp", "train_images"),
             "cnn_epochs": of("cnn", "epochs"), "cnn_train_images": of("cnn", "train_images"),
-            "seeds": "/".join(str(v) for v in sorted(set(seeds))), "wall_time": duration(
+            "seeds": "/".join(str(v) for v in sorted(set(seeds))), "runs_with_whole_budget": completed, "wall_time": duration(
                 (end - distinct["start_time"].min()).total_seconds()), "machine": machine}
 
 

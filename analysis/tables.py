@@ -142,6 +142,11 @@ def usable(runs: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     return runs[~bad].reset_index(drop=True), runs[bad].reset_index(drop=True)
 
 
+def full_budget(runs: pd.DataFrame) -> pd.DataFrame:
+    """The runs that ran their whole budget: only these compare like with like (a cut or killed run stopped early)."""
+    return runs[(runs["stopped_by"] == "completed") & (runs["epochs_run"] >= runs["epochs"])]
+
+
 def with_layer(runs: pd.DataFrame, token: str) -> pd.Series:
     """Whether each run has the layer (tune.config.has_layer)."""
     return pd.Series([has_layer(o, token, d) for o, d in zip(runs["order"], runs["dropout"])], index=runs.index, dtype=bool)

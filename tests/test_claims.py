@@ -124,3 +124,32 @@ def test_not_testable_smoke_missing_arms_cut_trials_and_budget():
     others = judged[judged["claim"] != "C3"]
     assert set(others["verdict"]) == {"reproduced"} and others["why"].str.contains("at 20 epochs, not the study's 100").all()
     assert (judged["budget"] == "20 epochs, 40,000 training images, 3 seeds").all()
+
+
+def test_comparisons_and_the_header_count_only_runs_that_ran_their_whole_budget():
+    """A killed arm (an interrupted study) must not be compared with a completed one: unequal budgets."""
+    from analysis import report
+    from tune import catalogue
+
+    runs = study(seeds=1)
+    killed = (runs["experiment"] == "bn-ablation") & (runs["model"] == "cnn") & ~runs["order"].str.contains("bn")
+    runs.loc[killed, ["stopped_by", "epochs_run"]] = ["killed", 29]
+    ctx = report.Context(study=None, report=None, runs=runs, history=None, every_run=runs)
+    report.plan_comparisons(ctx, [catalogue.CATALOGUE["bn-ablation"]])
+    assert [c.name for c in ctx.comparisons] == ["BN vs no-BN on the MLP"]
+    assert claims.judge(runs, False)["verdict"].tolist().count("not testable") >= 2  # both CNN BN claims
+
+    runs = runs.assign(run_id=[str(i) for i in range(len(runs))], git_commit="abc", start_time=pd.Timestamp(0),
+                       end_time=pd.Timestamp(60, unit="s"))
+    header = report.provenance(runs, False, "cmd", "here")
+    assert header["runs_with_whole_budget"] == f"mlp {(runs['model'] == 'mlp').sum()} of {(runs['model'] == 'mlp').sum()}, " \
+                                               f"cnn {(runs['model'] == 'cnn').sum() - killed.sum()} of {(runs['model'] == 'cnn').sum()}"
+
+
+def test_a_comparison_table_says_which_arms_stopped_short():
+    from analysis import report
+
+    runs = study(seeds=1).assign(run_id=lambda r: [str(i) for i in range(len(r))])
+    assert report.budget_note(runs) == "Every arm ran its whole budget."
+    runs.loc[:1, "stopped_by"] = "killed"
+    assert report.budget_note(runs).startswith(f"2 of {len(runs)} runs stopped before their whole budget")

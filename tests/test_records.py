@@ -1,6 +1,7 @@
 """Train anywhere, track later: run records written by `tune train --record` and the study runner, read back
 whole or cut short, and imported into MLflow with the schema of sweep trials."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -89,6 +90,11 @@ def test_import_logs_the_sweep_schema_once(tmp_path):
     killed = record.read(write_record(tmp_path, 2, end=False))
     run = c.get_run(tracking.import_record(c, uri, killed, "imp"))
     assert run.info.status == "KILLED" and run.data.tags["stopped_by"] == "killed"
+    # it ended with its last epoch, not when it was imported (the report's wall time reads end times)
+    assert run.info.end_time == killed.epochs[-1]["time"]
+    old = dataclasses.replace(killed, header={**killed.header, "id": "old" + killed.header["id"][3:], "started": 1000},
+                          epochs=[{k: v for k, v in e.items() if k != "time"} for e in killed.epochs])
+    assert c.get_run(tracking.import_record(c, uri, old, "imp")).info.end_time == 1000 + 200  # 2 epochs of 0.1 s
 
 
 @pytest.mark.slow

@@ -71,7 +71,7 @@ class RecordWriter:
         os.fsync(self.file.fileno())  # a killed process keeps every epoch it reported
 
     def epoch(self, metrics: dict) -> None:
-        self._write({"kind": "epoch", **{k: v for k, v in metrics.items() if k != "final"}})
+        self._write({"kind": "epoch", **{k: v for k, v in metrics.items() if k != "final"}, "time": now_ms()})
 
     def finish(self, result: dict, finished: int | None = None) -> None:
         self._write({"kind": "end", "finished": finished or now_ms(), **result})

@@ -272,7 +272,11 @@ def import_record(mlflow_client, uri: str, rec, sweep_id: str, experiment: str |
     for metrics in rec.epochs:
         run.log_epoch(metrics)
     if rec.end is None:
-        run.finish("killed", f"the record ends after epoch {len(rec.epochs)}: its run was killed")
+        # When its last epoch ended, not when it was imported (older records hold no epoch times: their sum).
+        last = rec.epochs[-1].get("time") if rec.epochs else None
+        ended = last if isinstance(last, int) else started and started + int(
+            1000 * sum(e.get("epoch_seconds", 0) for e in rec.epochs))
+        run.finish("killed", f"the record ends after epoch {len(rec.epochs)}: its run was killed", ended or None)
     else:
         finished = rec.end.get("finished")
         run.finish(rec.end["stopped_by"], rec.end.get("reason", ""), finished if isinstance(finished, int) else None)
