@@ -463,8 +463,8 @@ def section_seeds(ctx: Context) -> None:
         data = pd.DataFrame([{"experiment": c.section, "comparison": c.name, "metric": c.metric,
                               **{f"{side}_{k}": v for side, st in (("a", c.a), ("b", c.b)) for k, v in vars(st).items()},
                               "difference": c.diff, "p_welch": c.p, "p_holm": c.p_holm} for c in ctx.comparisons])
-        r.table("comparisons", pd.DataFrame(rows), data, caption=f"Every comparison of {HOLM_FAMILY} on test accuracy, between runs that "
-                                                                "ran their whole budget.")
+        r.table("comparisons", pd.DataFrame(rows), data,
+                caption=f"Every comparison of {HOLM_FAMILY} on test accuracy, between runs that ran their whole budget.")
 
 
 def section_scheduler(ctx: Context) -> None:

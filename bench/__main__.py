@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("name", choices=[*BENCHMARKS, "all"])
     p.add_argument("--quick", action="store_true", help="the CI-sized variant (each a few minutes at most)")
-    p.add_argument("--short", action="store_true", help="gpu-packing: about two minutes, to share one GPU lease with the study")
+    p.add_argument("--short", action="store_true", help="gpu-packing: about three minutes on an H200, to share one GPU lease with the study")
     p.add_argument("--tiny", action="store_true", help="seconds-sized variant for the test suite (compute-limit, gpu-packing)")
     p.add_argument("--data", default=common.DEFAULT_DATA, help="dataset spec (default: the shared CIFAR-10 JPEG archive)")
     p.add_argument("--data-dir", default=common.DEFAULT_DATA_DIR, help="decode cache folder (default: ./data)")

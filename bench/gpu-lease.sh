@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # What one GPU lease runs: the full `report` study (every trial to its 100 epochs, all 40,000 training
-# images, one seed) as plain `tune train --record` processes, then a short gpu-packing benchmark.
+# images, one seed) as plain `tune train --record` processes, then a short gpu-packing benchmark (about 3 minutes).
 # Needs python3 with torch and numpy, and no Ray or MLflow. Run from the repository root:
 #
 #   ARCHIVE=path/to/cifar10-jpg.tar.gz OUT=results-folder bash bench/gpu-lease.sh
@@ -36,7 +36,7 @@ tar czf "$OUT/gpu-study-records.tar.gz" --exclude='*.state.pt' -C "$RECORDS" .
 
 if [ -z "${SKIP_BENCH:-}" ]; then
     $PY -m bench gpu-packing --prepare --data "$DATA" --data-dir data >"$OUT/bench.log" 2>&1 &&
-        timeout "${BENCH_SECONDS:-180}" $PY -m bench gpu-packing --short --out "$OUT" >>"$OUT/bench.log" 2>&1
+        timeout "${BENCH_SECONDS:-240}" $PY -m bench gpu-packing --short --out "$OUT" >>"$OUT/bench.log" 2>&1
 fi
 nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv >>"$OUT/gpu.txt" 2>&1
 tail -3 "$OUT/study.log"

@@ -142,8 +142,8 @@ def test_comparisons_and_the_header_count_only_runs_that_ran_their_whole_budget(
     runs = runs.assign(run_id=[str(i) for i in range(len(runs))], git_commit="abc", start_time=pd.Timestamp(0),
                        end_time=pd.Timestamp(60, unit="s"))
     header = report.provenance(runs, False, "cmd", "here")
-    assert header["runs_with_whole_budget"] == f"mlp {(runs['model'] == 'mlp').sum()} of {(runs['model'] == 'mlp').sum()}, " \
-                                               f"cnn {(runs['model'] == 'cnn').sum() - killed.sum()} of {(runs['model'] == 'cnn').sum()}"
+    mlp, cnn = (runs["model"] == "mlp").sum(), (runs["model"] == "cnn").sum()
+    assert header["runs_with_whole_budget"] == f"mlp {mlp} of {mlp}, cnn {cnn - killed.sum()} of {cnn}"
 
 
 def test_a_comparison_table_says_which_arms_stopped_short():
