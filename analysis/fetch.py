@@ -144,10 +144,13 @@ def runs_frame(raw: pd.DataFrame, experiment_names: dict[str, str]) -> tuple[pd.
     """
     rows, unreadable = [], []
     for _, r in raw.iterrows():
+        tags = {k[len("tags."):]: v for k, v in r.items() if k.startswith("tags.") and isinstance(v, str) and v}
+        if not tracking.is_trial(tags):
+            continue  # a sweep's own run: its trials are the rows
         row = {"run_id": r["run_id"], "status": r["status"], "start_time": r["start_time"], "end_time": r.get("end_time")}
         for tag in TAGS:
-            value = r.get(f"tags.{tag}")
-            row[tag] = value if isinstance(value, str) and value else None
+            row[tag] = tags.get(tag)
+        row["git_commit"] = tracking.git_commit_of(tags) or None
         # A run's home is its MLflow experiment; the tag only says the same.
         home = experiment_names.get(r["experiment_id"], row["experiment"] or r["experiment_id"])
         row["sweep_id"] = row["sweep_id"] or NO_SWEEP

@@ -21,7 +21,7 @@ from analysis.document import Document, anchor
 from analysis.fetch import Study
 from analysis.figures import Line, Panel
 from analysis.tables import ALPHA, CONFIDENCE, Comparison
-from tune import catalogue
+from tune import catalogue, tracking
 from tune.config import UserError
 from tune.tracking import relative
 
@@ -650,3 +650,17 @@ def write(study: Study, out: Path, command: str = "unknown", machine: str = "unk
     (out / "REPORT.md").write_text(document.markdown())
     (out / "REPORT.html").write_text(document.html("Study report"))
     return out / "REPORT.md"
+
+
+def attach(study: Study, out: Path) -> int:
+    """Log the report (REPORT.md, REPORT.html, figures, tables) to the runs of the sweeps it read; how many."""
+    c = tracking.client(study.uri)
+    homes = [e.experiment_id for e in (c.get_experiment_by_name(n) for n in sorted(set(study.runs["home"]))) if e]
+    sweeps = set(study.runs["sweep_id"])
+    attached = 0
+    for run in tracking.sweep_parents(c, homes):
+        if run.data.tags.get("sweep_id") in sweeps:
+            c.log_artifacts(run.info.run_id, str(out), "report")
+            attached += 1
+    return attached
+

@@ -61,7 +61,8 @@ def mlflow_runs(cwd, experiment):
     client = MlflowClient(f"sqlite:///{cwd}/mlflow.db")
     exp = client.get_experiment_by_name(experiment)
     assert exp is not None, f"no MLflow experiment {experiment}"
-    return client, client.search_runs([exp.experiment_id], max_results=1000)
+    # The trials; the sweep's own run (their parent, tracking.SweepRun) has no trial_id.
+    return client, [r for r in client.search_runs([exp.experiment_id], max_results=1000) if r.data.tags.get("trial_id")]
 
 
 def history(client, run, key="val_loss") -> list[tuple[int, float]]:

@@ -43,7 +43,8 @@ def logged(swept):
 
     uri, _ = swept
     client = MlflowClient(uri)
-    runs = client.search_runs([client.get_experiment_by_name("dropout-mlp").experiment_id])
+    runs = [r for r in client.search_runs([client.get_experiment_by_name("dropout-mlp").experiment_id])
+            if r.data.tags.get("trial_id")]
     assert len(runs) == len(RATES)
     values = {}
     for run in runs:

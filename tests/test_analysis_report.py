@@ -278,3 +278,38 @@ def test_a_run_whose_params_do_not_validate_is_named_and_left_out(tmp_path):
     assert "**1 runs left out**" in md and bad in md
     shown = pd.read_csv(tmp_path / "r" / "tables" / "dropout-mlp.csv")
     assert len(shown) == 2 and bad not in ";".join(shown["run_ids"])  # three rates ran; the third is not shown
+
+
+def test_a_sweep_run_is_no_trial_old_tags_still_read_and_the_report_lands_on_it(tmp_path):
+    """The sweep's own run (the trials' parent) never counts as a trial; a run from before MLflow's reserved
+    commit tag is read through its own; `attach` logs the report to the sweep runs of the sweeps it read."""
+    from analysis import fetch
+    from analysis import report as reports
+    from tune import tracking
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    fake_study(uri, experiments=("dropout-mlp",), seeds=1)
+    c = client(uri)
+    parent = tracking.SweepRun.open(uri, "s2", ["dropout-mlp"], {"trials": 3}, "the settings", "c0ffee")
+    again = tracking.SweepRun.open(uri, "s2", ["dropout-mlp"], {"trials": 3}, "the settings", "c0ffee")
+    assert again.run_ids == parent.run_ids  # a resumed sweep finds its run again
+    parent.log({"progress_trial_epochs": 5}, 5)
+    parent.close({"dropout-mlp": "best: 0.5"}, "FINISHED")
+    run = c.get_run(parent.run_ids["dropout-mlp"])
+    assert run.info.status == "FINISHED" and "trial_id" not in run.data.tags
+    assert run.data.tags[tracking.NOTE] == "the settings\n\n## Outcome\n\nbest: 0.5"
+    assert run.data.params == {"trials": "3"} and run.data.tags[tracking.GIT_COMMIT] == "c0ffee"
+
+    old = c.search_runs([c.get_experiment_by_name("dropout-mlp").experiment_id], "tags.sweep_id = 's2'")[-1].info.run_id
+    c.delete_tag(old, tracking.GIT_COMMIT)
+    c.set_tag(old, "git_commit", "from-before")
+    study = fetch.load(uri)
+    ours = study.runs[study.runs["sweep_id"] == "s2"]
+    assert parent.run_ids["dropout-mlp"] not in set(study.runs["run_id"]) and ours["run_id"].nunique() == 3
+    assert dict(zip(ours["run_id"], ours["git_commit"]))[old] == "from-before"
+    assert set(ours["git_commit"]) == {"from-before", "0123456789abcdef"}
+
+    reports.write(study, tmp_path / "r")
+    assert reports.attach(study, tmp_path / "r") == 1
+    files = {a.path for a in c.list_artifacts(parent.run_ids["dropout-mlp"], "report")}
+    assert {"report/REPORT.md", "report/REPORT.html", "report/figures"} <= files

@@ -350,16 +350,23 @@ def test_a_sweep_submitted_to_the_stack_lands_in_mlflow_behind_auth(stack):
     search = {"experiment_ids": [exp_id], "max_results": 100}
     status, text = http("POST", s["mlflow"] + "/api/2.0/mlflow/runs/search", auth=auth, body=search)
     assert status == 200, text
-    runs = json.loads(text)["runs"]
-    assert len(runs) == 2
+    every = json.loads(text)["runs"]
+    [parent] = [r for r in every if _kv(r["data"]["tags"]).get("run_kind") == "sweep"]
+    runs = [r for r in every if "trial_id" in _kv(r["data"]["tags"])]
+    assert len(runs) == 2 and len(every) == 3
     assert sorted(float(_kv(r["data"]["params"])["dropout"]) for r in runs) == [0.2, 0.6]
     for r in runs:
         assert r["info"]["status"] == "FINISHED"
-        assert _kv(r["data"]["tags"])["stopped_by"] == "completed"
+        tags = _kv(r["data"]["tags"])
+        assert tags["stopped_by"] == "completed" and tags["mlflow.parentRunId"] == parent["info"]["run_id"]
         # the job ran an uploaded copy without .git; the submitter passed the commit on
-        assert _kv(r["data"]["tags"])["git_commit"].split("-")[0] == subprocess.run(
+        assert tags["mlflow.source.git.commit"].split("-")[0] == subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
         assert {"val_loss", "best_val_loss", "test_acc"} <= set(_kv(r["data"]["metrics"]))
+        # the best weights went through the server's artifact proxy
+        status, text = http("GET", f"{s['mlflow']}/api/2.0/mlflow/artifacts/list?run_id={r['info']['run_id']}&path=model",
+                            auth=auth)
+        assert status == 200 and [f["path"] for f in json.loads(text)["files"]] == ["model/weights.pt"], text
 
     # The same request without credentials, or with a wrong password, is refused.
     assert http("POST", s["mlflow"] + "/api/2.0/mlflow/runs/search", body=search)[0] == 401

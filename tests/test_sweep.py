@@ -1,10 +1,11 @@
 """Sweeps on a real local Ray instance, logging to a real MLflow SQLite store, on small data."""
 
 import json
+import subprocess
 
 import pytest
 
-from conftest import history
+from conftest import PYTHON, history
 from conftest import mlflow_runs as runs_of
 from conftest import run_sweep as sweep
 
@@ -23,7 +24,7 @@ def test_smoke_grid_leaves_one_complete_run_per_trial(tmp_path, cifar_args):
     assert len(sweep_ids) == 1 and sweep_ids.pop() in p.stderr
     for r in runs:
         assert r.info.status == "FINISHED" and r.data.tags["stopped_by"] == "completed"
-        for tag in ("sweep_id", "experiment", "trial_id", "config_key", "git_commit", "stopped_by"):
+        for tag in ("sweep_id", "experiment", "trial_id", "config_key", "mlflow.source.git.commit", "stopped_by"):
             assert r.data.tags[tag]
         assert r.data.params["epochs"] == "2" and r.data.params["limit"] == "2000"
         for key in ("train_loss", "train_acc", "val_loss", "val_acc", "epoch_seconds", "best_val_loss"):
@@ -33,6 +34,27 @@ def test_smoke_grid_leaves_one_complete_run_per_trial(tmp_path, cifar_args):
         assert r.data.metrics["best_val_loss"] == min(m.value for m in client.get_metric_history(r.info.run_id, "val_loss"))
     # the three configs differ only in dropout: three config keys
     assert len({r.data.tags["config_key"] for r in runs}) == 3
+    # the Dataset column: our digest of every array (MLflow keeps its first 36 characters)
+    for r in runs:
+        [used] = r.inputs.dataset_inputs
+        assert len(used.dataset.digest) >= 32 and r.data.tags["data_digest"].startswith(used.dataset.digest)
+    # the sweep is one run in the UI: its trials nested under it, its settings, progress and outcome on it
+    exp_id = client.get_experiment_by_name("dropout-mlp").experiment_id
+    [parent] = client.search_runs([exp_id], "tags.run_kind = 'sweep'")
+    assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {parent.info.run_id}
+    assert parent.info.status == "FINISHED" and "trial_id" not in parent.data.tags
+    assert parent.data.params["trials"] == "3" and parent.data.params["max_trial_epochs"] == "6"
+    assert parent.data.metrics["progress_trial_epochs"] == 6 and parent.data.metrics["trial_epochs_run"] == 6
+    assert "## Outcome" in parent.data.tags["mlflow.note.content"] and "dropout-mlp/mlp" in parent.data.tags[
+        "mlflow.note.content"]
+    # the finished trials kept their best weights, and those weights give the logged test metrics
+    for r in runs:
+        assert [a.path for a in client.list_artifacts(r.info.run_id, "model")] == ["model/weights.pt"]
+    e = subprocess.run([PYTHON, "-m", "tune", "evaluate", runs[0].info.run_id], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=300)
+    result = json.loads(e.stdout.strip().splitlines()[-1])
+    assert e.returncode == 0 and result["matched"] is True, e.stderr[-2000:]
+    assert result["test_acc"] == runs[0].data.metrics["test_acc"]
 
 
 def test_asha_stops_weak_trials_and_they_keep_test_metrics(tmp_path, cifar_args):

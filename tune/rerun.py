@@ -1,4 +1,5 @@
 """`python -m tune rerun RUN_ID`: train a logged run again, without Ray, and check it gives the same curves.
+`python -m tune evaluate RUN_ID`: test the weights a finished run kept, and check they give its test metrics.
 
 The config comes from the run's params, the data from its `data` param (or --data for a copy elsewhere,
 which must have the run's digest), the thread count from its `threads` tag: on the CPU, the same
@@ -34,16 +35,11 @@ def config_of(run) -> TrialConfig:
     return TrialConfig.from_dict({k: params[k] for k in TrialConfig.__dataclass_fields__})
 
 
-def rerun(uri: str, run_id: str, data: str | None = None) -> tuple[dict, bool]:
-    """(the result train() gives, whether every logged per-epoch value matched)."""
-    import torch
-
+def config_and_data(run, data: str | None):
+    """The run's config, and its data (from its `data` param, or `data` for a copy elsewhere) checked by digest."""
     from tune import data as datasets
-    from tune.train import train
 
-    client, run = logged_run(uri, run_id)
-    cfg = config_of(run)
-    tags = run.data.tags
+    cfg, tags, run_id = config_of(run), run.data.tags, run.info.run_id
     if not tags.get("data_digest") or not tags.get("threads"):
         raise UserError(f"run {run_id} logged no data digest or thread count (an older schema); "
                         f"it cannot be checked exactly")
@@ -54,7 +50,43 @@ def rerun(uri: str, run_id: str, data: str | None = None) -> tuple[dict, bool]:
     if digest != tags["data_digest"]:
         raise UserError(f"the data at {cfg.data} has digest {digest[:12]}, the run trained on {tags['data_digest'][:12]}; "
                         f"pass --data with the data it trained on")
-    torch.set_num_threads(int(tags["threads"]))
+    return cfg, dataset
+
+
+def evaluate(uri: str, run_id: str, data: str | None = None) -> tuple[dict, bool]:
+    """(test loss and accuracy of the run's kept weights, whether they equal the run's logged test metrics)."""
+    import tempfile
+
+    import torch
+
+    from tune.train import test_metrics
+
+    client, run = logged_run(uri, run_id)
+    cfg, dataset = config_and_data(run, data)
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            path = client.download_artifacts(run_id, tracking.WEIGHTS, folder)
+        except Exception:  # noqa: BLE001 - MLflow raises its own types for a missing artifact
+            raise UserError(f"run {run_id} kept no weights ({tracking.WEIGHTS}): only finished trials of sweeps "
+                            f"run without --no-save-weights keep them") from None
+        saved = torch.load(path, weights_only=True)
+    torch.set_num_threads(int(run.data.tags["threads"]))
+    test_loss, test_acc = test_metrics(cfg, dataset, saved["state_dict"])
+    logged = {k: run.data.metrics.get(k) for k in ("test_loss", "test_acc")}
+    result = {"run_id": run_id, "best_epoch": saved["epoch"], "test_loss": test_loss, "test_acc": test_acc,
+              "logged_test_loss": logged["test_loss"], "logged_test_acc": logged["test_acc"]}
+    return result, logged == {"test_loss": test_loss, "test_acc": test_acc}
+
+
+def rerun(uri: str, run_id: str, data: str | None = None) -> tuple[dict, bool]:
+    """(the result train() gives, whether every logged per-epoch value matched)."""
+    import torch
+
+    from tune.train import train
+
+    client, run = logged_run(uri, run_id)
+    cfg, dataset = config_and_data(run, data)
+    torch.set_num_threads(int(run.data.tags["threads"]))
     logged = {key: {m.step: m.value for m in client.get_metric_history(run_id, key)} for key in COMPARED}
     seen: dict[str, dict[int, float]] = {key: {} for key in COMPARED}
 

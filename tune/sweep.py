@@ -44,6 +44,7 @@ class SweepArgs:
     sweep_id: str | None = None
     verbose: int = 1
     num_gpus: int | None = None
+    save_weights: bool = True
 
 
 @dataclass(frozen=True)
@@ -294,8 +295,6 @@ def run(args: SweepArgs) -> int:
         raise UserError(f"--checkpoint-every {args.checkpoint_every} must be at least 1")
     max_concurrent = _max_concurrent(args, p)
     dataset = datasets.load(p.data, p.data_dir)
-    # Ray's newer console output ignores custom columns; ours shows the swept params.
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     gpus_per_trial = _connect(args.address, args.gpus_per_trial, args.cpus_per_trial, args.num_gpus)
     import ray.tune
 
@@ -310,10 +309,11 @@ def run(args: SweepArgs) -> int:
           f"each group ranked on its own: {'; '.join(g.describe() for g in p.groups.values())}; "
           f"{args.cpus_per_trial:g} CPU and {gpus_per_trial:g} GPU per trial", file=sys.stderr)
     client = tracking.client(uri)
-    for name in p.experiments:
-        tracking.experiment_id(client, name)
-    ctx = SweepContext(sweep_id, uri, p.schedulers, args.checkpoint_every, provenance.git_commit(), provenance.versions(),
-                       args.smoke, datasets.digest(dataset))
+    commit, digest = provenance.git_commit(), datasets.digest(dataset)
+    sweep_run = tracking.SweepRun.open(uri, sweep_id, p.experiments, _settings(args, p, digest, commit),
+                                       _description(args, p), commit)
+    ctx = SweepContext(sweep_id, uri, p.schedulers, args.checkpoint_every, commit, provenance.versions(),
+                       args.smoke, digest, args.save_weights, sweep_run.run_ids)
     trainable = ray.tune.with_resources(
         ray.tune.with_parameters(run_trial, dataset=dataset, sweep=ctx),
         {"cpu": args.cpus_per_trial, "gpu": gpus_per_trial})
@@ -341,8 +341,7 @@ def run(args: SweepArgs) -> int:
                 failure_config=ray.tune.FailureConfig(max_failures=args.max_failures),
                 checkpoint_config=ray.tune.CheckpointConfig(num_to_keep=2),
                 callbacks=[RunStatusCallback(uri, sweep_id), SchedulerState(scheduler, str(folder / RESTORED_RUNGS_FILE)),
-                           Progress(p.n_trials, p.max_trial_epochs)],
-                progress_reporter=_reporter(p)),
+                           Progress(p.n_trials, p.max_trial_epochs, sweep_run.run_ids, uri, sweep_id)]),
         )
     results = tuner.fit()
     unfinished = _unfinished_trials(folder)
@@ -351,17 +350,37 @@ def run(args: SweepArgs) -> int:
     # and any left RUNNING by a scheduler stop that raced a crash.
     for run in tracking.sweep_runs(client, p.experiments, sweep_id):
         trial_id = run.data.tags.get("trial_id")
+        if not tracking.is_trial(run.data.tags):
+            continue
         if trial_id in unfinished:
             tracking.finish_run(client, run.info.run_id, "killed")
         elif run.info.status == "RUNNING":
             tracking.finish_run(client, run.info.run_id, "error" if trial_id in errored else "scheduler")
     if unfinished:
-        print(f"\nsweep {sweep_id} interrupted; unfinished runs are marked KILLED. Resume it with:\n"
-              f"  python -m tune sweep --resume --sweep-id {sweep_id} --storage {storage}", file=sys.stderr)
+        resume = f"python -m tune sweep --resume --sweep-id {sweep_id} --storage {storage}"
+        print(f"\nsweep {sweep_id} interrupted; unfinished runs are marked KILLED. Resume it with:\n  {resume}",
+              file=sys.stderr)
+        sweep_run.close({name: f"Interrupted with {len(unfinished)} trials unfinished; resume with `{resume}`."
+                         for name in p.experiments}, "KILLED")
         return 130
     _write_sweep_file(folder, args, finished=True)
-    _summary(results, sweep_id, uri, p)
+    sweep_run.close(_summary(results, sweep_id, uri, p, sweep_run), "FINISHED")
     return 0 if not results.errors else 1
+
+
+def _settings(args: SweepArgs, p: Plan, digest: str, commit: str) -> dict:
+    """The sweep run's params: what a user needs to know what this sweep was."""
+    return {"experiment": args.experiment, "experiments": ",".join(p.experiments), "trials": p.n_trials,
+            "max_trial_epochs": p.max_trial_epochs, "seeds": args.seeds, "smoke": args.smoke,
+            "schedulers": "; ".join(g.describe() for g in p.groups.values()), "data": p.data, "data_digest": digest,
+            "git_commit": commit, "cpus_per_trial": args.cpus_per_trial, "gpus_per_trial": args.gpus_per_trial}
+
+
+def _description(args: SweepArgs, p: Plan) -> str:
+    groups = "\n".join(f"- `{g.describe()}`" for g in p.groups.values())
+    return (f"Sweep of `{args.experiment}`{' (smoke: no evidence)' if args.smoke else ''}: {p.n_trials} trials, at most "
+            f"{p.max_trial_epochs} trial-epochs, data `{p.data}`. Each group is ranked on its own:\n\n{groups}\n\n"
+            "Its trials are the nested runs below this one; progress is in this run's metrics.")
 
 
 def _unfinished_trials(folder: Path) -> set[str]:
@@ -378,24 +397,20 @@ def _trial_dirname(trial) -> str:
     return trial.trial_id
 
 
-def _reporter(p: Plan):
-    import ray.tune
-
-    prefix = "trial/" if p.trials else ""
-    return ray.tune.CLIReporter(
-        parameter_columns={f"{prefix}parts": "experiments", f"{prefix}model": "model",
-                           f"{prefix}dropout": "dropout", f"{prefix}order": "order"},
-        metric_columns={"epoch": "epoch", "val_loss": "val_loss", "best_val_loss": "best_val_loss", "val_acc": "val_acc"},
-        max_report_frequency=30)
-
-
-def _summary(results, sweep_id: str, uri: str, p: Plan) -> None:
+def _summary(results, sweep_id: str, uri: str, p: Plan, sweep_run: "tracking.SweepRun") -> dict[str, str]:
+    """Print the outcome, log it to the sweep's runs, and return each experiment's outcome in Markdown."""
     from tune.trainable import trial_groups, trial_values
 
     best: dict[str, dict] = {}
     epochs = 0
+    per_experiment = {name: {"trials": 0, "epochs": 0, "errored": 0} for name in p.experiments}
     for r in results:
         m = r.metrics or {}
+        parts, _ = trial_values(r.config)
+        for part in parts:
+            per_experiment[part]["trials"] += 1
+            per_experiment[part]["epochs"] += int(m.get("epoch", 0))
+            per_experiment[part]["errored"] += r.error is not None
         if not m or not math.isfinite(m.get("best_val_loss", math.nan)):
             continue
         _, values = trial_values(r.config)
@@ -405,6 +420,17 @@ def _summary(results, sweep_id: str, uri: str, p: Plan) -> None:
                 best[group] = {**m, "values": values}
     print(f"\nsweep {sweep_id} done: {len(results)} trials, {epochs} trial-epochs "
           f"(a full grid is {p.max_trial_epochs}); {len(results.errors)} errored", file=sys.stderr)
+    sweep_run.log({"trials": len(results), "trial_epochs_run": epochs, "trial_epochs_full_grid": p.max_trial_epochs,
+                   "trials_errored": len(results.errors)}, epochs)
+    outcome = {}
+    for name, n in per_experiment.items():
+        rows = [f"| {g} | {_best_text(m['values'])} | {m['best_val_loss']:.4f} | {m['best_epoch']} | "
+                f"{100 * m['test_acc']:.2f} | `{m.get('mlflow_run_id', '')[:8]}` |"
+                for g, m in sorted(best.items()) if g.split("/")[0] == name]
+        outcome[name] = (f"{n['trials']} trials ran {n['epochs']} trial-epochs (the whole sweep: {epochs} of a full "
+                         f"grid's {p.max_trial_epochs}); {n['errored']} errored.\n\n"
+                         "| group | best by validation loss | val loss | epoch | test acc (%) | run |\n"
+                         "|---|---|---|---|---|---|\n" + "\n".join(rows))
     for group, m in sorted(best.items()):
         v = m["values"]
         print(f"  best of {group}: dropout={float(v['dropout']):g} order={v['order']} "
@@ -416,3 +442,8 @@ def _summary(results, sweep_id: str, uri: str, p: Plan) -> None:
     for line in tracking.experiment_links(tracking.client(uri), server, p.experiments):
         print(f"  {line}", file=sys.stderr)
     print("write the report with `make report`", file=sys.stderr)
+    return outcome
+
+
+def _best_text(values: dict) -> str:
+    return f"{values.get('model', '')} dropout {float(values.get('dropout', 0)):g}, order {values.get('order', '')}"

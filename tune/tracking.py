@@ -2,9 +2,11 @@
 
 The schema (what analysis/ reads):
   experiment  one per catalogue experiment, named after it
-  run         one per Ray trial, found again by its tags (sweep_id, trial_id)
+  run         one per Ray trial, found again by its tags (sweep_id, trial_id), a child
+              (mlflow.parentRunId) of its sweep's run in the same experiment
   params      every TrialConfig field
-  tags        sweep_id, experiment, trial_id, config_key, git_commit, stopped_by
+  tags        sweep_id, experiment, trial_id, config_key, mlflow.source.git.commit
+              (runs before it: git_commit), stopped_by
               (completed | scheduler | early_stop | error | killed), stop_reason,
               versions, node_id; parts (every experiment that reads the run, its
               own first: a shared trial serves several) and scheduler (asha | fifo
@@ -15,6 +17,12 @@ The schema (what analysis/ reads):
   metrics     per epoch (step=epoch): train_loss, train_acc, val_loss, val_acc,
               epoch_seconds, best_val_loss; when the best epoch changes also
               best_epoch, best_val_acc, test_loss, test_acc
+  artifacts   model/weights.pt: the best epoch's state_dict and the config (finished trials)
+
+  sweep run   one per (sweep, experiment it touches): tags sweep_id, run_kind=sweep, no trial_id
+              (so it never counts as a trial), mlflow.note.content (settings, then outcome);
+              params: the settings; metrics: progress (step = trial-epochs done), then outcome;
+              artifacts: the report, attached by `make report`
 """
 
 import contextlib
@@ -29,6 +37,19 @@ from tune.config import TrialConfig, UserError
 
 EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "epoch_seconds", "best_val_loss")
 BEST_METRICS = ("best_epoch", "best_val_loss", "best_val_acc", "test_loss", "test_acc")
+GIT_COMMIT = "mlflow.source.git.commit"  # MLflow's own tag, shown in the UI; runs before it have `git_commit`
+PARENT = "mlflow.parentRunId"
+NOTE = "mlflow.note.content"  # the run page's description
+WEIGHTS = "model/weights.pt"
+
+
+def git_commit_of(tags: dict) -> str:
+    return tags.get(GIT_COMMIT) or tags.get("git_commit", "")
+
+
+def is_trial(tags: dict) -> bool:
+    """A trial's run; a sweep's own run (the parent of its trials) has no trial_id."""
+    return bool(tags.get("trial_id"))
 
 
 def resolve_uri(uri: str | None = None, cwd: str | None = None) -> str:
@@ -117,9 +138,13 @@ def experiment_id(mlflow_client, name: str) -> str:
         if exp.lifecycle_stage == "deleted":
             mlflow_client.restore_experiment(exp.experiment_id)
         return exp.experiment_id
+    uri = mlflow_client.tracking_uri
+    # A SQLite store keeps artifacts beside its database, wherever the process that made it ran.
+    artifacts = (Path(uri[len("sqlite:///"):]).resolve().parent / "mlruns").as_uri() if uri.startswith("sqlite:///") else None
     try:
         # MLflow versions that read the kind open the experiment on its training runs, not the GenAI page.
-        return mlflow_client.create_experiment(name, tags={"mlflow.experimentKind": "custom_model_development"})
+        return mlflow_client.create_experiment(name, artifact_location=artifacts,
+                                               tags={"mlflow.experimentKind": "custom_model_development"})
     except Exception:  # noqa: BLE001 - another process created it first
         return mlflow_client.get_experiment_by_name(name).experiment_id
 
@@ -210,6 +235,8 @@ class TrialRun:
             c.update_run(run_id, status="RUNNING")
             return cls(uri, run_id)
         tags = dict(tags)  # the caller's dict stays as it was
+        if "git_commit" in tags:
+            tags[GIT_COMMIT] = tags.pop("git_commit")
         run = c.create_run(experiment_id(c, experiment), start_time=start_time, run_name=tags.pop("run_name", None),
                            tags={"config_key": cfg.key(), **tags, "experiment": experiment})
         c.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in cfg.to_dict().items()])
@@ -234,6 +261,17 @@ class TrialRun:
     def finish(self, stopped_by: str, reason: str = "", end_time: int | None = None) -> None:
         finish_run(self.client, self.run_id, stopped_by, reason, end_time)
 
+    def log_weights(self, weights: dict, cfg: TrialConfig, epoch: int) -> None:
+        """The best epoch's state_dict with the config that builds its network (no optimizer: weights only)."""
+        import tempfile
+
+        import torch
+
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / Path(WEIGHTS).name
+            torch.save({"state_dict": weights, "config": cfg.to_dict(), "epoch": epoch}, path)
+            self.client.log_artifact(self.run_id, str(path), str(Path(WEIGHTS).parent))
+
 
 def finish_run(mlflow_client, run_id: str, stopped_by: str, reason: str = "", end_time: int | None = None) -> None:
     mlflow_client.set_tag(run_id, "stopped_by", stopped_by)
@@ -241,6 +279,56 @@ def finish_run(mlflow_client, run_id: str, stopped_by: str, reason: str = "", en
         mlflow_client.set_tag(run_id, "stop_reason", reason[:4000])
     status = {"error": "FAILED", "killed": "KILLED"}.get(stopped_by, "FINISHED")
     mlflow_client.set_terminated(run_id, status=status, end_time=end_time)
+
+
+class SweepRun:
+    """A sweep as the MLflow UI shows it: one run in each experiment the sweep touches, the parent of that
+    experiment's trials (nested runs live in one experiment), holding the settings, the progress while it
+    runs and the outcome when it ends."""
+
+    def __init__(self, uri: str, sweep_id: str, run_ids: dict[str, str]):
+        self.uri, self.sweep_id, self.run_ids = uri, sweep_id, run_ids
+        self.client = client(uri)
+
+    @classmethod
+    def open(cls, uri: str, sweep_id: str, experiments: list[str], settings: dict, note: str,
+             git_commit: str) -> "SweepRun":
+        """Create the sweep's runs, or find them again (a resumed sweep)."""
+        from mlflow.entities import Param
+
+        c, run_ids = client(uri), {}
+        for name in experiments:
+            exp = experiment_id(c, name)
+            found = sweep_parents(c, [exp], sweep_id)
+            if found:
+                run_ids[name] = found[0].info.run_id
+                c.update_run(run_ids[name], status="RUNNING")
+                continue
+            run = c.create_run(exp, run_name=f"sweep {sweep_id}", tags={
+                "sweep_id": sweep_id, "run_kind": "sweep", "experiment": name, GIT_COMMIT: git_commit, NOTE: note})
+            c.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in settings.items()])
+            run_ids[name] = run.info.run_id
+        return cls(uri, sweep_id, run_ids)
+
+    def log(self, figures: dict, step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        for run_id in self.run_ids.values():
+            self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in figures.items()])
+
+    def close(self, outcome: dict[str, str], status: str) -> None:
+        """`outcome`: experiment -> the Markdown that follows the settings in its run's description."""
+        for name, run_id in self.run_ids.items():
+            note = self.client.get_run(run_id).data.tags.get(NOTE, "").split("\n\n## Outcome", 1)[0]
+            self.client.set_tag(run_id, NOTE, note + "\n\n## Outcome\n\n" + outcome.get(name, "no trial ended"))
+            self.client.set_terminated(run_id, status=status)
+
+
+def sweep_parents(mlflow_client, experiment_ids: list[str], sweep_id: str | None = None) -> list:
+    """The sweep runs (parents) in these experiments: of one sweep, or of every sweep."""
+    query = "tags.run_kind = 'sweep'" + (f" and tags.sweep_id = '{sweep_id}'" if sweep_id else "")
+    return list(mlflow_client.search_runs(experiment_ids, query, max_results=10000)) if experiment_ids else []
 
 
 def import_record(mlflow_client, uri: str, rec, sweep_id: str, experiment: str | None = None) -> str | None:
@@ -299,7 +387,7 @@ def export_records(mlflow_client, experiments: list[str], sweep_id: str, out: Pa
     written = []
     for run in sweep_runs(mlflow_client, experiments, sweep_id):
         tags = run.data.tags
-        if "trial_id" not in tags:
+        if not is_trial(tags):
             continue
         params = {k: v for k, v in run.data.params.items() if k in TrialConfig.__dataclass_fields__}
         # A record travels: this machine's absolute paths become relative to where export runs.
@@ -313,7 +401,7 @@ def export_records(mlflow_client, experiments: list[str], sweep_id: str, out: Pa
         data = {"source": cfg.data, "digest": tags.get("data_digest", ""), **{
             k: int(tags[k]) for k in ("train_images", "val_images", "test_images") if tags.get(k)}}
         head = {**record.header(cfg, experiment=tags["experiment"], parts=tags["parts"].split(",") if tags.get("parts") else None,
-                                data=data, threads=int(tags.get("threads") or 0), git_commit=tags.get("git_commit", ""),
+                                data=data, threads=int(tags.get("threads") or 0), git_commit=git_commit_of(tags),
                                 versions=tags.get("versions", ""), smoke=tags.get("smoke") == "true",
                                 network=tags.get("network", "")),
                 "id": run.info.run_id, "sweep_id": sweep_id, "host": tags.get("node_id", "unknown"),

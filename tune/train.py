@@ -61,14 +61,7 @@ def train(cfg: TrialConfig, data: Dataset, state: dict | None = None,
     n = len(train_y)
     if n < cfg.batch_size:
         raise UserError(f"batch_size: {cfg.batch_size} is more than the {n} training images; lower it or raise --limit")
-    mean, inv_std = (torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1).to(device)
-                     for v in arrays.normalization(cfg.normalize))
-    memory_format = torch.channels_last if cfg.channels_last and cfg.model == "cnn" else torch.contiguous_format
-
-    def prepare(x_uint8):
-        x = x_uint8.float().sub_(mean).mul_(inv_std)
-        return x.contiguous(memory_format=memory_format)
-
+    prepare, memory_format = _preparer(cfg, arrays, device)
     model = network(cfg, build).to(device, memory_format=memory_format)
     # fused: one kernel over all parameters instead of a dozen per tensor. On the CPU the
     # per-tensor Adam took ~40% of an MLP step (docs/performance.md).
@@ -79,26 +72,18 @@ def train(cfg: TrialConfig, data: Dataset, state: dict | None = None,
     order_rng = torch.Generator().manual_seed(cfg.seed)
     best = {"best_epoch": 0, "best_val_loss": math.inf, "best_val_acc": -math.inf,
             "test_loss": math.nan, "test_acc": math.nan}
+    best_weights = None  # the best epoch's, on the CPU: what a finished trial keeps
     start = 1
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         _set_rng(state["rng"], order_rng)
         best = dict(state["best"])
+        best_weights = state.get("best_weights")
         start = state["epoch"] + 1
 
     def evaluate(x_all, y_all):
-        model.eval()
-        loss = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.long)
-        with torch.no_grad(), torch.autocast(**autocast):
-            for i in range(0, len(y_all), EVAL_BATCH):
-                x, y = prepare(x_all[i:i + EVAL_BATCH]), y_all[i:i + EVAL_BATCH]
-                logits = forward(x).float()
-                loss += F.cross_entropy(logits, y, reduction="sum")
-                correct += (logits.argmax(1) == y).sum()
-        model.train()
-        return (loss / len(y_all)).item(), (correct / len(y_all)).item()
+        return _evaluate(model, forward, prepare, x_all, y_all, autocast)
 
     stopped_by, reason, epoch = "completed", "", start - 1
     for epoch in range(start, cfg.epochs + 1):
@@ -131,6 +116,7 @@ def train(cfg: TrialConfig, data: Dataset, state: dict | None = None,
             test_loss, test_acc = evaluate(test_x, test_y)
             best = {"best_epoch": epoch, "best_val_loss": val_loss, "best_val_acc": val_acc,
                     "test_loss": test_loss, "test_acc": test_acc}
+            best_weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         if cfg.patience and epoch - best["best_epoch"] >= cfg.patience:
             stopped_by = "early_stop"
         # `final` tells the callback this is the last epoch, so it can checkpoint and close out.
@@ -140,11 +126,53 @@ def train(cfg: TrialConfig, data: Dataset, state: dict | None = None,
                    "stopped_by": stopped_by, **best}
         if on_epoch is not None:
             snapshot = {"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "rng": _get_rng(order_rng), "best": dict(best), "config": cfg.to_dict()}
+                        "rng": _get_rng(order_rng), "best": dict(best), "best_weights": best_weights,
+                        "config": cfg.to_dict()}
             on_epoch(metrics, snapshot)
         if stopped_by != "completed":
             break
     return {**best, "epochs_run": epoch, "stopped_by": stopped_by, "reason": reason}
+
+
+def _preparer(cfg: TrialConfig, arrays, device: torch.device):
+    """(uint8 images -> the network's normalized float input, the memory format it wants)."""
+    mean, inv_std = (torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1).to(device)
+                     for v in arrays.normalization(cfg.normalize))
+    memory_format = torch.channels_last if cfg.channels_last and cfg.model == "cnn" else torch.contiguous_format
+
+    def prepare(x_uint8):
+        x = x_uint8.float().sub_(mean).mul_(inv_std)
+        return x.contiguous(memory_format=memory_format)
+
+    return prepare, memory_format
+
+
+def _evaluate(model, forward, prepare, x_all, y_all, autocast: dict) -> tuple[float, float]:
+    """Mean loss and accuracy over (x_all, y_all), in EVAL_BATCH slices."""
+    model.eval()
+    loss = torch.zeros((), device=y_all.device)
+    correct = torch.zeros((), device=y_all.device, dtype=torch.long)
+    with torch.no_grad(), torch.autocast(**autocast):
+        for i in range(0, len(y_all), EVAL_BATCH):
+            x, y = prepare(x_all[i:i + EVAL_BATCH]), y_all[i:i + EVAL_BATCH]
+            logits = forward(x).float()
+            loss += F.cross_entropy(logits, y, reduction="sum")
+            correct += (logits.argmax(1) == y).sum()
+    model.train()
+    return (loss / len(y_all)).item(), (correct / len(y_all)).item()
+
+
+def test_metrics(cfg: TrialConfig, data: Dataset, weights: dict) -> tuple[float, float]:
+    """Test loss and accuracy of `weights` (a state_dict of the network `cfg` describes), as train() measures them."""
+    device = resolve_device(cfg.device)
+    arrays = split(data, cfg.val_size, cfg.limit, cfg.eval_limit)
+    prepare, memory_format = _preparer(cfg, arrays, device)
+    model = network(cfg).to(device, memory_format=memory_format)
+    model.load_state_dict(weights)
+    test_x, test_y = torch.from_numpy(arrays.test_x).to(device), torch.from_numpy(arrays.test_y).to(device)
+    forward = torch.compile(model) if cfg.compile else model
+    autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16")
+    return _evaluate(model, forward, prepare, test_x, test_y, autocast)
 
 
 def _get_rng(order_rng: torch.Generator) -> dict:

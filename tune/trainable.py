@@ -5,7 +5,9 @@ reports to Ray, and every `checkpoint_every` epochs (and at the end) hands Ray
 a checkpoint holding the loop's state and the MLflow run id.
 """
 
+import dataclasses
 import json
+import math
 import os
 import sys
 import tempfile
@@ -50,6 +52,10 @@ class SweepContext:
     """--smoke: the runs show the pipeline works and are no evidence"""
     data_digest: str = ""
     """tune.data.digest of the sweep's dataset"""
+    save_weights: bool = True
+    """log each finished trial's best weights (tracking.WEIGHTS)"""
+    parents: dict = dataclasses.field(default_factory=dict)
+    """experiment -> the sweep's run there (tracking.SweepRun), which a trial's run is nested under"""
 
 
 def trial_values(config: dict) -> tuple[tuple[str, ...], dict]:
@@ -86,6 +92,8 @@ def run_trial(config: dict, dataset: Dataset, sweep: SweepContext) -> None:
             # Results are bit-identical only at the same thread count (Ray sets it to the trial's CPUs).
             "threads": str(torch.get_num_threads()), "network": str(network(cfg)),
             "run_name": tracking.run_name(cfg)}
+    if experiment in sweep.parents:
+        tags[tracking.PARENT] = sweep.parents[experiment]
     run = TrialRun.open(sweep.tracking_uri, experiment, cfg, tags, run_id)
     # A retried trial trains the epochs after its checkpoint again; exact restore makes
     # them identical, so the ones its run already holds are not logged twice.
@@ -98,6 +106,8 @@ def run_trial(config: dict, dataset: Dataset, sweep: SweepContext) -> None:
         if epoch not in already_logged:
             run.log_epoch(metrics)
         if metrics["final"]:
+            if sweep.save_weights and metrics["stopped_by"] != "error" and snapshot["best_weights"] is not None:
+                run.log_weights(snapshot["best_weights"], cfg, metrics["best_epoch"])
             # Close the run before the last report: a scheduler may stop the trial on it.
             run.finish(metrics["stopped_by"])
             closed = True
@@ -150,10 +160,12 @@ class RunStatusCallback(ray.tune.Callback):
 class Progress(ray.tune.Callback):
     """One status line on stderr every `every` seconds: trial-epochs done of the most the sweep can run,
     trials running, done, cut and errored, and an ETA from the epoch times seen and the concurrency.
-    (An upper bound while ASHA may still cut trials.)"""
+    (An upper bound while ASHA may still cut trials.) The same figures go to the sweep's runs in MLflow."""
 
-    def __init__(self, trials: int, max_trial_epochs: int, every: float = 30.0):
+    def __init__(self, trials: int, max_trial_epochs: int, parents: dict | None = None, uri: str = "",
+                 sweep_id: str = "", every: float = 30.0):
         self.trials, self.max_epochs, self.every = trials, max_trial_epochs, every
+        self.parents, self.uri, self.sweep_id = parents or {}, uri, sweep_id
         self.epochs, self.seconds, self.done, self.cut, self.errored = 0, 0.0, 0, 0, 0
         self.running: set[str] = set()
         self.last = time.monotonic()
@@ -177,10 +189,21 @@ class Progress(ray.tune.Callback):
         self.running.discard(trial.trial_id)
         self.errored += 1
 
+    def eta(self) -> float:
+        """Seconds left at most, from the mean epoch time and the trials running; NaN before the first epochs."""
+        if not (self.epochs and self.running):
+            return math.nan
+        return max(0, self.max_epochs - self.epochs) * (self.seconds / self.epochs) / len(self.running)
+
+    def figures(self) -> dict:
+        return {"progress_trial_epochs": self.epochs, "progress_max_trial_epochs": self.max_epochs,
+                "progress_trials_running": len(self.running), "progress_trials_done": self.done,
+                "progress_trials_cut": self.cut, "progress_trials_errored": self.errored,
+                "progress_trials": self.trials, "progress_eta_seconds": self.eta()}
+
     def line(self) -> str:
-        left = max(0, self.max_epochs - self.epochs)
-        if self.epochs and self.running:
-            eta = left * (self.seconds / self.epochs) / len(self.running)
+        eta = self.eta()
+        if math.isfinite(eta):
             eta_text = f"ETA at most {int(eta // 3600)}:{int(eta // 60 % 60):02d}:{int(eta % 60):02d}"
         else:
             eta_text = "ETA after the first epochs"
@@ -191,6 +214,15 @@ class Progress(ray.tune.Callback):
         if time.monotonic() - self.last >= self.every:
             self.last = time.monotonic()
             print(self.line(), file=sys.stderr, flush=True)
+            self.log()
+
+    def on_experiment_end(self, trials, **info):
+        self.log()
+
+    def log(self) -> None:
+        if self.parents:
+            tracking.SweepRun(self.uri, self.sweep_id, self.parents).log(
+                {k: v for k, v in self.figures().items() if math.isfinite(v)}, self.epochs)
 
 
 class GroupScheduler(FIFOScheduler):
