@@ -1,8 +1,10 @@
 """Read the study's runs from MLflow into pandas: one row per run, and one row per (run, epoch).
 
-Metric histories are fetched in bulk: on a SQL store one query per metric key for
-hundreds of runs at once, on a tracking server its bulk-history endpoint, and
-anywhere else a thread pool over the client's per-run history call.
+Metric histories: the public path is MLflow's client, one get_metric_history call per (run, key) on a
+thread pool. Two private bulk paths stand in front of it because `python -m bench history-read`
+measured them much faster on a 200-run store (bench/results/history-read.json): on a SQL store one
+query per chunk of runs on MLflow's metric table, on a tracking server its UI's bulk-history endpoint.
+Either falls back to the public path when it fails (a changed schema, an older or proxied server).
 """
 
 import math
@@ -212,10 +214,13 @@ def fetch_history(client, runs: pd.DataFrame, keys=HISTORY_KEYS) -> pd.DataFrame
     run_ids = list(dict.fromkeys(runs["run_id"]))
     store = getattr(getattr(client, "_tracking_client", None), "store", None)
     points = None
-    if isinstance(store, SqlAlchemyStore):
-        points = _sql_points(store, run_ids, keys)
-    elif isinstance(store, RestStore):
-        points = _rest_points(store, run_ids, dict(zip(runs["run_id"], runs["epochs"])), keys)
+    try:
+        if isinstance(store, SqlAlchemyStore):
+            points = _sql_points(store, run_ids, keys)
+        elif isinstance(store, RestStore):
+            points = _rest_points(store, run_ids, dict(zip(runs["run_id"], runs["epochs"])), keys)
+    except Exception:  # noqa: BLE001 - MLflow's internals moved: the public path still works
+        points = None
     if points is None:
         points = _threaded_points(client, run_ids, keys)
     return history_frame(points, keys)

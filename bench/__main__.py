@@ -13,7 +13,7 @@ import sys
 from bench import common
 
 BENCHMARKS = {"trial-overhead": "bench.trial_overhead", "compute-limit": "bench.compute_limit",
-              "asha-vs-grid": "bench.asha_vs_grid", "gpu-packing": "bench.gpu_packing"}
+              "asha-vs-grid": "bench.asha_vs_grid", "gpu-packing": "bench.gpu_packing", "history-read": "bench.history_read"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,8 +21,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("name", choices=[*BENCHMARKS, "all"])
     p.add_argument("--quick", action="store_true", help="the CI-sized variant (each a few minutes at most)")
-    p.add_argument("--short", action="store_true", help="gpu-packing: about three minutes on an H200, to share one GPU lease with the study")
-    p.add_argument("--tiny", action="store_true", help="seconds-sized variant for the test suite (compute-limit, gpu-packing)")
+    p.add_argument("--short", action="store_true",
+                   help="gpu-packing: about three minutes on an H200, to share one GPU lease with the study")
+    p.add_argument("--tiny", action="store_true",
+                   help="seconds-sized variant for the test suite (compute-limit, gpu-packing, history-read)")
     p.add_argument("--data", default=common.DEFAULT_DATA, help="dataset spec (default: the shared CIFAR-10 JPEG archive)")
     p.add_argument("--data-dir", default=common.DEFAULT_DATA_DIR, help="decode cache folder (default: ./data)")
     p.add_argument("--out", default=str(common.RESULTS), help="where the result JSON goes (default: bench/results)")

@@ -297,7 +297,10 @@ def test_a_sweep_run_is_no_trial_old_tags_still_read_and_the_report_lands_on_it(
     parent.close({"dropout-mlp": "best: 0.5"}, "FINISHED")
     run = c.get_run(parent.run_ids["dropout-mlp"])
     assert run.info.status == "FINISHED" and "trial_id" not in run.data.tags
-    assert run.data.tags[tracking.NOTE] == "the settings\n\n## Outcome\n\nbest: 0.5"
+    assert run.data.tags[tracking.NOTE] == "## Outcome\n\nbest: 0.5\n\n## Settings\n\nthe settings"
+    parent.close({"dropout-mlp": "best: 0.6"}, "FINISHED")  # a resumed sweep's second close replaces the outcome
+    assert c.get_run(parent.run_ids["dropout-mlp"]).data.tags[tracking.NOTE] == (
+        "## Outcome\n\nbest: 0.6\n\n## Settings\n\nthe settings")
     assert run.data.params == {"trials": "3"} and run.data.tags[tracking.GIT_COMMIT] == "c0ffee"
 
     old = c.search_runs([c.get_experiment_by_name("dropout-mlp").experiment_id], "tags.sweep_id = 's2'")[-1].info.run_id
@@ -313,3 +316,21 @@ def test_a_sweep_run_is_no_trial_old_tags_still_read_and_the_report_lands_on_it(
     assert reports.attach(study, tmp_path / "r") == 1
     files = {a.path for a in c.list_artifacts(parent.run_ids["dropout-mlp"], "report")}
     assert {"report/REPORT.md", "report/REPORT.html", "report/figures"} <= files
+
+
+def test_history_paths_agree_and_a_failing_private_path_falls_back(store, monkeypatch):
+    """The SQL bulk read (private) and MLflow's client (public) give the same history; if MLflow's internals
+    move under the private path, the report still reads through the public one."""
+    from analysis import fetch
+
+    c = client(store)
+    study = fetch.load(store)
+    bulk = fetch.fetch_history(c, study.runs)
+    public = fetch.history_frame(fetch._threaded_points(c, list(dict.fromkeys(study.runs["run_id"])), fetch.HISTORY_KEYS))
+    assert len(bulk) > 0 and bulk.equals(public)
+
+    def moved(*args):
+        raise AttributeError("SqlMetric has no attribute 'run_uuid'")  # as a renamed column would fail
+
+    monkeypatch.setattr(fetch, "_sql_points", moved)
+    assert fetch.fetch_history(c, study.runs).equals(public)

@@ -1,6 +1,6 @@
 """The benchmark suite's own machinery: JSON shape, FLOP counting, the ASHA replay, import hygiene.
 
-The benchmarks themselves take minutes; only compute-limit runs here, at its --tiny size.
+The benchmarks themselves take minutes; compute-limit and history-read run here at their --tiny sizes.
 """
 
 import json
@@ -34,6 +34,18 @@ def test_compute_limit_tiny_prints_its_figures_last():
     assert lines[0].split()[:2] == ["run", "median"] and set(lines[1].replace(" ", "")) == {"-"}
     assert [line.split()[0] for line in lines[3:-1]] == ["mlp-ours", "mlp-torch", "cnn-ours", "cnn-torch",
                                                         "cnn-ours-channels_last"]
+
+
+@pytest.mark.slow
+def test_history_read_tiny_runs_every_path_and_they_agree():
+    """Each history path of analysis/fetch.py (public and private, on SQLite and on a real `mlflow server`)
+    reads the same points."""
+    p = subprocess.run([PYTHON, "-m", "bench", "history-read", "--tiny"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    result = json.loads(p.stdout.strip().splitlines()[-1])
+    assert result["same_points"] is True and result["points"] == 6 * 4 * 10  # every run, epoch and key
+    assert set(result["seconds"]) == {"sqlite public", "sqlite private", "server public", "server private"}
 
 
 def test_flop_counter_matches_the_mlp_by_hand():

@@ -6,9 +6,11 @@ import subprocess
 
 
 def git_commit(cwd: str | None = None) -> str:
+    """The commit of the code that runs (this package's checkout, wherever the process runs from)."""
     # A job submitted to a cluster runs a copy of the code without .git: its submitter says.
     if os.environ.get("TUNE_GIT_COMMIT"):
         return os.environ["TUNE_GIT_COMMIT"]
+    cwd = cwd or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,

@@ -439,8 +439,13 @@ def _summary(results, sweep_id: str, uri: str, p: Plan, sweep_run: "tracking.Swe
     server = uri if uri.startswith("http") else tracking.UI
     print(f"runs: MLflow experiments {', '.join(p.experiments)} at {uri}; their runs tables"
           + ("" if uri.startswith("http") else " (after `make mlflow-ui`)") + ":", file=sys.stderr)
-    for line in tracking.experiment_links(tracking.client(uri), server, p.experiments):
+    client = tracking.client(uri)
+    for line in tracking.experiment_links(client, server, p.experiments):
         print(f"  {line}", file=sys.stderr)
+    print("the sweep's own run (settings, progress, outcome; its trials nested under it):", file=sys.stderr)
+    for name, run_id in sweep_run.run_ids.items():
+        print(f"  {name}: {tracking.run_view(server, client.get_experiment_by_name(name).experiment_id, run_id)}",
+              file=sys.stderr)
     print("write the report with `make report`", file=sys.stderr)
     return outcome
 

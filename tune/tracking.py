@@ -40,6 +40,7 @@ BEST_METRICS = ("best_epoch", "best_val_loss", "best_val_acc", "test_loss", "tes
 GIT_COMMIT = "mlflow.source.git.commit"  # MLflow's own tag, shown in the UI; runs before it have `git_commit`
 PARENT = "mlflow.parentRunId"
 NOTE = "mlflow.note.content"  # the run page's description
+SETTINGS = "\n\n## Settings\n\n"  # in a sweep run's description: the outcome above it, the settings below
 WEIGHTS = "model/weights.pt"
 
 
@@ -152,6 +153,11 @@ def experiment_id(mlflow_client, name: str) -> str:
 def runs_view(server: str, experiment_id: str) -> str:
     """The experiment's runs table. MLflow 3's UI opens an experiment on its GenAI page unless asked for this."""
     return f"{server.rstrip('/')}/#/experiments/{experiment_id}?workflowType=machine_learning"
+
+
+def run_view(server: str, experiment_id: str, run_id: str) -> str:
+    """One run's page, in model-training mode like runs_view."""
+    return f"{server.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
 
 
 def run_name(cfg: TrialConfig) -> str:
@@ -318,10 +324,12 @@ class SweepRun:
             self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in figures.items()])
 
     def close(self, outcome: dict[str, str], status: str) -> None:
-        """`outcome`: experiment -> the Markdown that follows the settings in its run's description."""
+        """`outcome`: experiment -> Markdown put before the settings in its run's description (the UI shows
+        a description's first lines)."""
         for name, run_id in self.run_ids.items():
-            note = self.client.get_run(run_id).data.tags.get(NOTE, "").split("\n\n## Outcome", 1)[0]
-            self.client.set_tag(run_id, NOTE, note + "\n\n## Outcome\n\n" + outcome.get(name, "no trial ended"))
+            note = self.client.get_run(run_id).data.tags.get(NOTE, "")
+            settings = note.split(SETTINGS, 1)[1] if SETTINGS in note else note
+            self.client.set_tag(run_id, NOTE, f"## Outcome\n\n{outcome.get(name, 'no trial ended')}{SETTINGS}{settings}")
             self.client.set_terminated(run_id, status=status)
 
 
