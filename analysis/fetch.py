@@ -1,4 +1,5 @@
 """Read the study's runs from MLflow into pandas: one row per run, and one row per (run, epoch).
+A run's tags and params become a row in tune.tracking.read_runs, beside the code that writes them.
 
 Metric histories: the public path is MLflow's client, one get_metric_history call per (run, key) on a
 thread pool. Two private bulk paths stand in front of it because `python -m bench history-read`
@@ -18,12 +19,9 @@ from pathlib import Path
 import pandas as pd
 
 from tune import catalogue, tracking
-from tune.config import ConfigError, TrialConfig, UserError
+from tune.config import UserError
 
 HISTORY_KEYS = tuple(dict.fromkeys(tracking.EPOCH_METRICS + tracking.BEST_METRICS))
-TAGS = ("sweep_id", "experiment", "trial_id", "config_key", "git_commit", "stopped_by", "stop_reason",
-        "versions", "node_id", "scheduler", "parts", "smoke", "train_images", "network")
-NO_SWEEP = "(no sweep_id)"
 # Limits of the tracking server's bulk-history endpoint (mlflow/server/handlers.py).
 REST_MAX_RUNS, REST_MAX_POINTS = 100, 25000
 SQL_CHUNK = 500  # run ids per IN (...) clause, well under SQLite's variable limit
@@ -132,59 +130,7 @@ def _search_runs(uri: str, experiment_ids: dict[str, str]) -> tuple[pd.DataFrame
     if raw.empty:
         return pd.DataFrame(), []
     names = {v: k for k, v in experiment_ids.items()}
-    return runs_frame(raw, names)
-
-
-def runs_frame(raw: pd.DataFrame, experiment_names: dict[str, str]) -> tuple[pd.DataFrame, list[str]]:
-    """mlflow.search_runs' frame -> one typed row per (run, experiment it serves), params through TrialConfig.
-
-    A trial that several experiments share (tags `parts` and `scheduler`, comma-separated and in the
-    same order) gives one row per experiment, each with that experiment's scheduler; `home` is the
-    MLflow experiment that holds the run, and `shared` says whether other experiments read it too.
-    A run whose params do not validate is left out, and named in the list returned with the frame:
-    a table must never show a default in place of what ran.
-    """
-    rows, unreadable = [], []
-    for _, r in raw.iterrows():
-        tags = {k[len("tags."):]: v for k, v in r.items() if k.startswith("tags.") and isinstance(v, str) and v}
-        if not tracking.is_trial(tags):
-            continue  # a sweep's own run: its trials are the rows
-        row = {"run_id": r["run_id"], "status": r["status"], "start_time": r["start_time"], "end_time": r.get("end_time")}
-        for tag in TAGS:
-            row[tag] = tags.get(tag)
-        row["git_commit"] = tracking.git_commit_of(tags) or None
-        # A run's home is its MLflow experiment; the tag only says the same.
-        home = experiment_names.get(r["experiment_id"], row["experiment"] or r["experiment_id"])
-        row["sweep_id"] = row["sweep_id"] or NO_SWEEP
-        row["stopped_by"] = row["stopped_by"] or ("running" if r["status"] == "RUNNING" else "unknown")
-        try:
-            row.update(_typed_params({k[len("params."):]: v for k, v in r.items()
-                                      if k.startswith("params.") and isinstance(v, str)}))
-        except ConfigError as e:
-            unreadable.append(f"run {r['run_id']} in {home}: {e}")
-            continue
-        for key in tracking.BEST_METRICS:
-            row[key] = r.get(f"metrics.{key}", float("nan"))
-        # Runs from before the tag: the limit, when one was set, is the training set's size.
-        row["train_images"] = float(row["train_images"]) if row["train_images"] else (
-            float(row["limit"]) if row["limit"] else math.nan)
-        row["smoke"] = row["smoke"] == "true"
-        parts = row.pop("parts").split(",") if row["parts"] else [home]
-        schedulers = (row["scheduler"] or "unknown").split(",")
-        for i, part in enumerate(parts):
-            rows.append({**row, "experiment": part, "home": home, "shared": len(parts) > 1,
-                         "scheduler": schedulers[i] if len(schedulers) == len(parts) else schedulers[0]})
-    if not rows:
-        return pd.DataFrame(), unreadable
-    runs = pd.DataFrame(rows)
-    runs["config_key"] = runs["config_key"].fillna(runs["run_id"])
-    return runs.sort_values(["experiment", "start_time", "run_id"]).reset_index(drop=True), unreadable
-
-
-def _typed_params(params: dict) -> dict:
-    """Run params as TrialConfig types them. A field the run does not have (an older run) takes its default;
-    a value that does not validate raises ConfigError."""
-    return TrialConfig.from_dict({k: v for k, v in params.items() if k in TrialConfig.__dataclass_fields__}).to_dict()
+    return tracking.read_runs(raw, names)
 
 
 def select_runs(all_runs: pd.DataFrame, sweep: str | None = None, pool: bool = False) -> tuple[pd.DataFrame, str]:

@@ -11,7 +11,7 @@ from analysis import fetch, tables
 
 
 def make_runs(rows: list[dict]) -> pd.DataFrame:
-    """Runs as fetch.runs_frame gives them; only what a test sets differs from a default MLP run."""
+    """Runs as tune.tracking.read_runs gives them; only what a test sets differs from a default MLP run."""
     base = {"experiment": "dropout-mlp", "sweep_id": "s1", "model": "mlp", "dropout": 0.5, "order": "bn,relu,dropout",
             "dropout_kind": "element", "lr": 1e-3, "epochs": 4, "seed": 0, "stopped_by": "completed", "scheduler": "asha",
             "start_time": pd.Timestamp("2026-01-01", tz="UTC"), "test_loss": math.nan, "test_acc": math.nan,

@@ -1,6 +1,7 @@
-"""MLflow tracking: where runs go, and the one run each trial owns.
+"""MLflow tracking: where runs go, the one run each trial owns, and reading runs back (read_runs):
+this module owns the run schema on both sides.
 
-The schema (what analysis/ reads):
+The schema:
   experiment  one per catalogue experiment, named after it
   run         one per Ray trial, found again by its tags (sweep_id, trial_id), a child
               (mlflow.parentRunId) of its sweep's run in the same experiment
@@ -26,6 +27,7 @@ The schema (what analysis/ reads):
 """
 
 import contextlib
+import math
 import os
 import time
 import urllib.error
@@ -33,7 +35,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from tune.config import TrialConfig, UserError
+from tune.config import ConfigError, TrialConfig, UserError
 
 EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "epoch_seconds", "best_val_loss")
 BEST_METRICS = ("best_epoch", "best_val_loss", "best_val_acc", "test_loss", "test_acc")
@@ -42,6 +44,12 @@ PARENT = "mlflow.parentRunId"
 NOTE = "mlflow.note.content"  # the run page's description
 SETTINGS = "\n\n## Settings\n\n"  # in a sweep run's description: the outcome above it, the settings below
 WEIGHTS = "model/weights.pt"
+
+
+NO_SWEEP = "(no sweep_id)"  # read_runs' sweep_id of a run logged without one
+# The tags read_runs reads back (besides those of the parts expansion).
+RUN_TAGS = ("sweep_id", "experiment", "trial_id", "config_key", "git_commit", "stopped_by", "stop_reason",
+            "versions", "node_id", "scheduler", "parts", "smoke", "train_images", "network")
 
 
 def git_commit_of(tags: dict) -> str:
@@ -426,3 +434,60 @@ def export_records(mlflow_client, experiments: list[str], sweep_id: str, out: Pa
                           finished=run.info.end_time)
         written.append(path)
     return written
+
+
+# --- reading runs back ---------------------------------------------------------------------
+
+
+def read_runs(raw, experiment_names: dict[str, str]) -> tuple:
+    """mlflow.search_runs' pandas frame -> one typed row per (run, experiment it serves), params through TrialConfig.
+
+    A trial that several experiments share (tags `parts` and `scheduler`, comma-separated and in the
+    same order) gives one row per experiment, each with that experiment's scheduler; `home` is the
+    MLflow experiment that holds the run, and `shared` says whether other experiments read it too.
+    A run whose params do not validate is left out, and named in the list returned with the frame:
+    a table must never show a default in place of what ran.
+    """
+    import pandas as pd
+
+    rows, unreadable = [], []
+    for _, r in raw.iterrows():
+        tags = {k[len("tags."):]: v for k, v in r.items() if k.startswith("tags.") and isinstance(v, str) and v}
+        if not is_trial(tags):
+            continue  # a sweep's own run: its trials are the rows
+        row = {"run_id": r["run_id"], "status": r["status"], "start_time": r["start_time"], "end_time": r.get("end_time")}
+        for tag in RUN_TAGS:
+            row[tag] = tags.get(tag)
+        row["git_commit"] = git_commit_of(tags) or None
+        # A run's home is its MLflow experiment; the tag only says the same.
+        home = experiment_names.get(r["experiment_id"], row["experiment"] or r["experiment_id"])
+        row["sweep_id"] = row["sweep_id"] or NO_SWEEP
+        row["stopped_by"] = row["stopped_by"] or ("running" if r["status"] == "RUNNING" else "unknown")
+        try:
+            row.update(_typed_params({k[len("params."):]: v for k, v in r.items()
+                                      if k.startswith("params.") and isinstance(v, str)}))
+        except ConfigError as e:
+            unreadable.append(f"run {r['run_id']} in {home}: {e}")
+            continue
+        for key in BEST_METRICS:
+            row[key] = r.get(f"metrics.{key}", float("nan"))
+        # Runs from before the tag: the limit, when one was set, is the training set's size.
+        row["train_images"] = float(row["train_images"]) if row["train_images"] else (
+            float(row["limit"]) if row["limit"] else math.nan)
+        row["smoke"] = row["smoke"] == "true"
+        parts = row.pop("parts").split(",") if row["parts"] else [home]
+        schedulers = (row["scheduler"] or "unknown").split(",")
+        for i, part in enumerate(parts):
+            rows.append({**row, "experiment": part, "home": home, "shared": len(parts) > 1,
+                         "scheduler": schedulers[i] if len(schedulers) == len(parts) else schedulers[0]})
+    if not rows:
+        return pd.DataFrame(), unreadable
+    runs = pd.DataFrame(rows)
+    runs["config_key"] = runs["config_key"].fillna(runs["run_id"])
+    return runs.sort_values(["experiment", "start_time", "run_id"]).reset_index(drop=True), unreadable
+
+
+def _typed_params(params: dict) -> dict:
+    """Run params as TrialConfig types them. A field the run does not have (an older run) takes its default;
+    a value that does not validate raises ConfigError."""
+    return TrialConfig.from_dict({k: v for k, v in params.items() if k in TrialConfig.__dataclass_fields__}).to_dict()
