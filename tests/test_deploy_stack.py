@@ -254,7 +254,8 @@ def stack(tmp_path_factory):
     taken: set[int] = set()
     (pg_port, mlflow_port, gcs, dashboard, client, *node_ports) = ports = free_ports(17)
     taken.update(ports)
-    pg = Postgres(services, pg_port, secrets.token_urlsafe(18), secrets.token_urlsafe(18))
+    # MLflow's role's password holds what pgpass escapes (: and a backslash) and what SQL quotes ('), on purpose.
+    pg = Postgres(services, pg_port, secrets.token_urlsafe(18) + ":\\'x", secrets.token_urlsafe(18))
     # Ray's socket paths must stay short: /tmp/rs-XXXXXXXX, not under pytest's tmp. One per node, as
     # on separate machines: a node deletes the job packages it no longer needs from its temp dir.
     ray_tmps = [Path(tempfile.mkdtemp(prefix="rs-", dir="/tmp")) for _ in range(2)]
