@@ -53,7 +53,7 @@ mlflow-ui: install
 	@if [ -n "$$MLFLOW_TRACKING_URI" ] && echo "$$MLFLOW_TRACKING_URI" | grep -q '^http'; then \
 		echo "runs are on the tracking server: open $$MLFLOW_TRACKING_URI"; \
 	elif url=$$(ENV_FILE=$(ENV_FILE) PYTHON=$(PY) docker/mlflow-url.sh); then \
-		echo "the stack's MLflow is up: open $$url (log in with MLFLOW_ADMIN_USERNAME and MLFLOW_ADMIN_PASSWORD from $(ENV_FILE))"; \
+		echo "the stack's MLflow is up: open $$url (log in as MLFLOW_ADMIN_USERNAME of $(ENV_FILE), password in secrets/mlflow_admin_password)"; \
 	else \
 		echo "each experiment's runs table:"; $(PY) -m tune links --server http://127.0.0.1:$(MLFLOW_PORT) | sed 's/^/  /'; \
 		$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port $(MLFLOW_PORT); \

@@ -6,6 +6,11 @@
 # tests/test_deploy_stack.py, which starts the stack without Docker. It waits for what a service
 # needs, and it stops with one clear line when a secret or a service is missing: no default
 # password or token exists anywhere, and none is ever put on a command line (`ps` shows those).
+#
+# Secrets come as files (compose's `secrets:`, mounted under /run/secrets): for each required VAR,
+# VAR_FILE names the file holding its value. The value then goes only where it is used: a pgpass
+# file, MLflow's auth config and credentials file, Ray's token path, or the environment of the one
+# process that reads nothing else (the MLflow server's Flask key); never into every child's environment.
 set -euo pipefail
 
 MODE=${1:-}
@@ -15,7 +20,8 @@ WAIT_TIMEOUT=${WAIT_TIMEOUT:-120}
 # What each mode refuses to start without. `entrypoint.sh requires MODE` prints the list, so the
 # static tests check it against compose.yaml and .env.example instead of a copy of it.
 declare -A REQUIRED=(
-    [mlflow]="MLFLOW_ADMIN_PASSWORD MLFLOW_FLASK_SERVER_SECRET_KEY PGHOST PGUSER PGPASSWORD PGDATABASE"
+    # MLFLOW_CLUSTER_PASSWORD: the non-admin user the Ray nodes log runs as, created or updated here.
+    [mlflow]="MLFLOW_ADMIN_PASSWORD MLFLOW_CLUSTER_PASSWORD MLFLOW_FLASK_SERVER_SECRET_KEY PGHOST PGUSER PGPASSWORD PGDATABASE"
     [head]="RAY_AUTH_TOKEN MLFLOW_TRACKING_URI MLFLOW_TRACKING_USERNAME MLFLOW_TRACKING_PASSWORD"
     # Trials log to MLflow from the workers: they need the credentials; the URI comes with each trial.
     [worker]="RAY_AUTH_TOKEN RAY_HEAD_ADDRESS MLFLOW_TRACKING_USERNAME MLFLOW_TRACKING_PASSWORD"
@@ -27,12 +33,45 @@ die() {
     exit 1
 }
 
+# Where each secret was read from (load_secret_file): VAR -> its file.
+declare -A SECRET_FILE=()
+
+# load_secret_file VAR: VAR's value from the file VAR_FILE names (RAY_AUTH_TOKEN: also Ray's own
+# RAY_AUTH_TOKEN_PATH), as a shell variable that no child sees unless a mode exports it.
+load_secret_file() {
+    local name=$1 file_var=${1}_FILE file value
+    if [ "$name" = RAY_AUTH_TOKEN ] && [ -z "${RAY_AUTH_TOKEN_FILE:-}" ]; then file_var=RAY_AUTH_TOKEN_PATH; fi
+    file=${!file_var:-}
+    [ -n "$file" ] || return 0
+    if [ -n "${!name:-}" ]; then
+        die "both $name and $file_var are set; set only one"
+    fi
+    if [ ! -f "$file" ] || [ ! -r "$file" ]; then
+        die "$file_var=$file is not a file readable by uid $(id -u); check the secret file and its permissions (README, \"Secrets\")"
+    fi
+    value=$(<"$file") # without the trailing newline an editor adds
+    case $value in
+        *$'\n'* | *$'\r'*) die "$file_var=$file must hold one line" ;;
+    esac
+    printf -v "$name" '%s' "$value"
+    # shellcheck disable=SC2163 # un-exports the variable that $name names
+    export -n "$name"
+    SECRET_FILE[$name]=$file
+}
+
+load_secret_files() {
+    local name
+    for name in ${REQUIRED[$1]}; do
+        load_secret_file "$name"
+    done
+}
+
 # require VAR [MIN_LENGTH]: short secrets are refused here, before a service half-starts.
 require() {
     local name=$1 min=${2:-1} value
     value=${!name:-}
     if [ -z "$value" ]; then
-        die "$name is not set; put it in .env (see .env.example) or the environment"
+        die "$name is not set (nor ${name}_FILE); make env writes the secrets to secrets/ (see .env.example)"
     fi
     if [ "${#value}" -lt "$min" ]; then
         die "$name is too short (${#value} characters, at least $min); generate one with: openssl rand -hex 32"
@@ -41,6 +80,7 @@ require() {
 
 require_all() {
     local name
+    load_secret_files "$1"
     for name in ${REQUIRED[$1]}; do
         require "$name"
     done
@@ -82,7 +122,7 @@ deadline = time.monotonic() + float(os.environ.get("WAIT_TIMEOUT", "120"))
 where = f"{os.environ['PGUSER']}@{os.environ['PGHOST']}:{os.environ['PGPORT']}/{os.environ['PGDATABASE']}"
 while True:
     try:
-        psycopg2.connect(connect_timeout=3).close()  # libpq reads PGHOST, PGPORT, PGUSER, PGPASSWORD, PGDATABASE
+        psycopg2.connect(connect_timeout=3).close()  # libpq reads PGHOST, PGPORT, PGUSER, PGPASSFILE, PGDATABASE
         break
     except psycopg2.OperationalError as e:
         msg = " ".join(str(e).split())
@@ -102,14 +142,37 @@ wait_for_mlflow() {
         || die "MLflow is not usable (see above)"
 }
 
-write_auth_config() {
-    local password=$MLFLOW_ADMIN_PASSWORD
-    case $password in
-        *$'\n'* | *$'\r'*) die "MLFLOW_ADMIN_PASSWORD must be one line" ;;
+# ini_value VAR: VAR's value checked for an ini file (configparser strips whitespace at the ends,
+# and reads a value up to the line's end) and with % written %% (configparser interpolates it).
+ini_value() {
+    local name=$1 value=${!1}
+    case $value in
+        *$'\n'* | *$'\r'*) die "$name must be one line" ;;
     esac
-    if [ "$password" != "${password#[[:space:]]}" ] || [ "$password" != "${password%[[:space:]]}" ]; then
-        die "MLFLOW_ADMIN_PASSWORD must not start or end with whitespace (the auth config would drop it)"
+    if [ "$value" != "${value#[[:space:]]}" ] || [ "$value" != "${value%[[:space:]]}" ]; then
+        die "$name must not start or end with whitespace (the config file would drop it)"
     fi
+    printf '%s' "${value//%/%%}"
+}
+
+# libpq reads the password from a pgpass file (mode 600, or libpq ignores it) instead of PGPASSWORD,
+# which every child (the server and its workers) would otherwise carry in its environment.
+write_pgpass() {
+    local dir password=${PGPASSWORD//\\/\\\\}
+    password=${password//:/\\:} # pgpass escapes : and \ with a backslash
+    dir=$(mktemp -d "${TMPDIR:-/tmp}/pgpass.XXXXXX")
+    PGPASSFILE=$dir/pgpass
+    (
+        umask 077
+        printf '*:*:*:%s:%s\n' "$PGUSER" "$password" >"$PGPASSFILE"
+    )
+    export PGPASSFILE
+    unset PGPASSWORD
+}
+
+write_auth_config() {
+    local password
+    password=$(ini_value MLFLOW_ADMIN_PASSWORD)
     # The config holds the admin password: outside the data volume by default, readable by us only.
     if [ -z "${MLFLOW_AUTH_CONFIG_PATH:-}" ]; then
         MLFLOW_AUTH_CONFIG_PATH="$(mktemp -d "${TMPDIR:-/tmp}/mlflow-auth.XXXXXX")/basic_auth.ini"
@@ -122,9 +185,9 @@ write_auth_config() {
         cat >"$MLFLOW_AUTH_CONFIG_PATH" <<EOF
 [mlflow]
 default_permission = NO_PERMISSIONS
-database_uri = ${MLFLOW_AUTH_DATABASE_URI:-sqlite:///$MLFLOW_DATA_DIR/auth/basic_auth.db}
+database_uri = ${MLFLOW_AUTH_DATABASE_URI}
 admin_username = ${MLFLOW_ADMIN_USERNAME}
-admin_password = ${password//%/%%}
+admin_password = ${password}
 authorization_function = mlflow.server.auth:authenticate_request_basic_auth
 EOF
     )
@@ -133,13 +196,44 @@ EOF
     unset MLFLOW_AUTH_ADMIN_USERNAME MLFLOW_AUTH_ADMIN_PASSWORD MLFLOW_ADMIN_PASSWORD
 }
 
+# The cluster's own MLflow user, not an admin: the Ray nodes log with it, so a leaked node secret
+# cannot create users or change anyone's permissions. MLflow's default permission stays
+# NO_PERMISSIONS; a user gets MANAGE on the experiments it creates, so the sweep drivers (on the
+# head) create experiments and every node logs runs into them. Created on first start, its password
+# set again on every start (so a new secret file takes effect), and never an admin.
+ensure_cluster_user() {
+    log "MLflow user $MLFLOW_CLUSTER_USERNAME (the Ray cluster's, not an admin): creating or updating it"
+    # The password travels on descriptor 3, not on the command line or in the environment.
+    "$PYTHON" - "$MLFLOW_AUTH_DATABASE_URI" "$MLFLOW_CLUSTER_USERNAME" 3<<<"$MLFLOW_CLUSTER_PASSWORD" <<'EOF' \
+        || die "cannot create or update the MLflow user $MLFLOW_CLUSTER_USERNAME (see above)"
+import os, sys
+from mlflow.server.auth.sqlalchemy_store import SqlAlchemyStore
+
+db_uri, username = sys.argv[1:3]
+with os.fdopen(3) as f:
+    pw = f.read().removesuffix("\n")
+store = SqlAlchemyStore()
+store.init_db(db_uri)
+if store.has_user(username, use_primary=True):
+    store.update_user(username, pw, False)  # and never an admin
+else:
+    store.create_user(username, pw, False)
+EOF
+    unset MLFLOW_CLUSTER_PASSWORD
+}
+
 start_mlflow() {
     require_all mlflow
-    require MLFLOW_ADMIN_PASSWORD 12 # MLflow's own minimum, checked here so the message names .env
+    require MLFLOW_ADMIN_PASSWORD 12 # MLflow's own minimum, checked here so the message names the setting
+    require MLFLOW_CLUSTER_PASSWORD 12
     require MLFLOW_FLASK_SERVER_SECRET_KEY 32
-    : "${PGPORT:=5432}" "${MLFLOW_ADMIN_USERNAME:=admin}" "${MLFLOW_HOST:=0.0.0.0}" "${MLFLOW_PORT:=5000}"
-    : "${MLFLOW_DATA_DIR:=/mlflow}" "${MLFLOW_WORKERS:=4}"
+    : "${PGPORT:=5432}" "${MLFLOW_ADMIN_USERNAME:=admin}" "${MLFLOW_CLUSTER_USERNAME:=cluster}"
+    : "${MLFLOW_HOST:=0.0.0.0}" "${MLFLOW_PORT:=5000}" "${MLFLOW_DATA_DIR:=/mlflow}" "${MLFLOW_WORKERS:=4}"
     : "${MLFLOW_ARTIFACTS_DIR:=$MLFLOW_DATA_DIR/artifacts}"
+    : "${MLFLOW_AUTH_DATABASE_URI:=sqlite:///$MLFLOW_DATA_DIR/auth/basic_auth.db}"
+    if [ "$MLFLOW_CLUSTER_USERNAME" = "$MLFLOW_ADMIN_USERNAME" ]; then
+        die "MLFLOW_CLUSTER_USERNAME must differ from MLFLOW_ADMIN_USERNAME: the cluster logs runs as a non-admin user"
+    fi
     # The Host headers MLflow answers: its own defaults (loopback, private ranges), which any explicit
     # list would replace, plus the compose service name, plus whatever the operator adds.
     local hosts="mlflow,mlflow:*,localhost,localhost:*,127.0.0.1,127.0.0.1:*,10.*,192.168.*" i
@@ -153,15 +247,20 @@ start_mlflow() {
         esac
     fi
     export MLFLOW_SERVER_ALLOWED_HOSTS="$hosts${MLFLOW_SERVER_ALLOWED_HOSTS:+,$MLFLOW_SERVER_ALLOWED_HOSTS}"
-    export PGHOST PGPORT PGUSER PGPASSWORD PGDATABASE MLFLOW_FLASK_SERVER_SECRET_KEY
+    export PGHOST PGPORT PGUSER PGDATABASE
     case $PGUSER$PGDATABASE in
         *[!A-Za-z0-9_-]*) die "PGUSER and PGDATABASE may hold letters, digits, _ and - only" ;;
     esac
+    write_pgpass
     wait_for_postgres
     write_auth_config
+    ensure_cluster_user
     mkdir -p "$MLFLOW_ARTIFACTS_DIR"
     log "serving on $MLFLOW_HOST:$MLFLOW_PORT, runs in PostgreSQL, artifacts in $MLFLOW_ARTIFACTS_DIR"
-    # The password stays out of the URI: libpq reads PGPASSWORD. The driver is named because
+    # MLflow reads its Flask key only from this variable: exported now, it reaches the server
+    # (exec'd below) and its workers, and none of the helpers run before.
+    export MLFLOW_FLASK_SERVER_SECRET_KEY
+    # The password stays out of the URI: libpq reads PGPASSFILE. The driver is named because
     # SQLAlchemy 2.1 defaults to psycopg 3, and psycopg2 is what the server extra pins.
     run mlflow server \
         --backend-store-uri "postgresql+psycopg2://$PGUSER@$PGHOST:$PGPORT/$PGDATABASE" \
@@ -197,13 +296,42 @@ common_ray_args() {
 secure_ray() {
     require RAY_AUTH_TOKEN 32
     # Token auth is not optional: every node, the Jobs API and the dashboard demand the token.
-    export RAY_AUTH_MODE=token RAY_AUTH_TOKEN
-    unset RAY_AUTH_TOKEN_PATH
+    export RAY_AUTH_MODE=token
+    if [ -n "${SECRET_FILE[RAY_AUTH_TOKEN]:-}" ]; then
+        # Ray (2.60) reads the token from this file itself, in every process it starts.
+        export RAY_AUTH_TOKEN_PATH=${SECRET_FILE[RAY_AUTH_TOKEN]}
+        unset RAY_AUTH_TOKEN
+    else
+        export RAY_AUTH_TOKEN
+        unset RAY_AUTH_TOKEN_PATH
+    fi
+}
+
+# MLflow clients read ~/.mlflow/credentials (no variable names another path) when the environment
+# holds no password: the trials on this node find the cluster user's password there, and the
+# password leaves the environment of Ray and its workers.
+write_mlflow_credentials() {
+    local username password
+    username=$(ini_value MLFLOW_TRACKING_USERNAME)
+    password=$(ini_value MLFLOW_TRACKING_PASSWORD)
+    mkdir -p "$HOME/.mlflow" || die "cannot create $HOME/.mlflow for MLflow's credentials file"
+    (
+        umask 077
+        cat >"$HOME/.mlflow/credentials" <<EOF
+[mlflow]
+mlflow_tracking_username = ${username}
+mlflow_tracking_password = ${password}
+EOF
+    )
+    chmod 600 "$HOME/.mlflow/credentials"
+    export MLFLOW_TRACKING_USERNAME
+    unset MLFLOW_TRACKING_PASSWORD
 }
 
 start_head() {
     require_all head
     secure_ray
+    write_mlflow_credentials
     : "${RAY_GCS_PORT:=6379}" "${RAY_DASHBOARD_HOST:=0.0.0.0}" "${RAY_DASHBOARD_PORT:=8265}" "${RAY_CLIENT_PORT:=10001}"
     if [ -n "${RAY_STORAGE_PATH:-}" ]; then
         mkdir -p "$RAY_STORAGE_PATH" || die "cannot create Ray's storage path $RAY_STORAGE_PATH"
@@ -266,6 +394,7 @@ claim_gpus() {
 start_worker() {
     require_all worker
     secure_ray
+    write_mlflow_credentials
     case $RAY_HEAD_ADDRESS in
         *:*) ;;
         *) die "RAY_HEAD_ADDRESS=$RAY_HEAD_ADDRESS must be HOST:PORT of the head's GCS (e.g. ray-head:6379)" ;;

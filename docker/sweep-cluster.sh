@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `make sweep-cluster`: submit `python -m tune sweep ARGS...` to the stack's Ray head as a Ray job.
 # The driver runs on the head, so it uses the head's MLflow URI and credentials and the cluster's
-# paths; this side needs only the Ray token, from the environment or the env file.
+# paths; this side needs only the Ray token: RAY_AUTH_TOKEN from the environment, else the file
+# `make env` wrote (secrets/ray_auth_token, or RAY_AUTH_TOKEN_FILE), which Ray reads itself.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=docker/env-file.sh
@@ -13,10 +14,18 @@ die() {
 }
 [ $# -ge 1 ] || die "usage: docker/sweep-cluster.sh EXPERIMENT [sweep options]"
 
-RAY_AUTH_TOKEN=${RAY_AUTH_TOKEN:-$(env_file_value RAY_AUTH_TOKEN)}
-[ -n "$RAY_AUTH_TOKEN" ] || die "no RAY_AUTH_TOKEN in the environment or in ${ENV_FILE:-.env} (make env, or see .env.example)"
-export RAY_AUTH_MODE=token RAY_AUTH_TOKEN
-unset RAY_AUTH_TOKEN_PATH RAY_ADDRESS
+export RAY_AUTH_MODE=token
+unset RAY_ADDRESS
+if [ -n "${RAY_AUTH_TOKEN:-}" ]; then
+    export RAY_AUTH_TOKEN
+    unset RAY_AUTH_TOKEN_PATH
+else
+    token_file=${RAY_AUTH_TOKEN_FILE:-${SECRETS_DIR:-secrets}/ray_auth_token}
+    [ -f "$token_file" ] && [ -r "$token_file" ] && [ -s "$token_file" ] \
+        || die "no RAY_AUTH_TOKEN in the environment and no readable token file $token_file (make env, or see .env.example)"
+    RAY_AUTH_TOKEN_PATH=$(realpath "$token_file")
+    export RAY_AUTH_TOKEN_PATH
+fi
 
 port=${RAY_DASHBOARD_PUBLISHED_PORT:-$(env_file_value RAY_DASHBOARD_PUBLISHED_PORT)}
 address=${RAY_JOBS_ADDRESS:-http://127.0.0.1:${port:-8265}}

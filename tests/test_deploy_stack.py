@@ -1,8 +1,9 @@
 """The stack of docker/compose.yaml on this machine, without Docker, through the real entry scripts.
 
-PostgreSQL 15 (Debian's server binaries), MLflow with basic auth on it, a Ray head and one worker
-with token auth, all started by docker/entrypoint.sh; then a smoke sweep submitted with
-docker/sweep-cluster.sh (`ray job submit`), and its runs read back through MLflow's REST API.
+PostgreSQL 15 (Debian's server binaries, with MLflow's role made by docker/postgres-init.sh), MLflow
+with basic auth on it, a Ray head and one worker with token auth, all started by docker/entrypoint.sh
+with every secret given as a file (the *_FILE variables, as compose's secrets are); then a smoke sweep
+submitted with docker/sweep-cluster.sh (`ray job submit`), and its runs read back through MLflow's REST API.
 Everything listens on 127.0.0.1 on free ports, and everything started is stopped, even on failure:
 each process carries a marker in its environment, and teardown ends every process that has it.
 """
@@ -33,6 +34,7 @@ SWEEP = ROOT / "docker" / "sweep-cluster.sh"
 PG_BIN = Path(os.environ.get("PG_BIN", "/usr/lib/postgresql/15/bin"))
 MARKER_VAR = "TUNE_STACK_TEST"
 ADMIN = "admin"
+CLUSTER = "cluster"  # the non-admin MLflow user the Ray nodes log runs as
 
 
 def free_ports(n: int) -> list[int]:
@@ -188,10 +190,13 @@ def _signal(pid: int, sig: int) -> None:
 
 
 class Postgres:
-    """A throwaway PostgreSQL 15 cluster on 127.0.0.1, run by the postgres user when we are root."""
+    """A throwaway PostgreSQL 15 cluster on 127.0.0.1, run by the postgres user when we are root. As the postgres
+    image sets it up: a superuser (`postgres`, its own password), the database, then docker/postgres-init.sh,
+    which gives MLflow a role of its own (`mlflow`, not a superuser) owning that database."""
 
-    def __init__(self, services: Services, port: int, password: str):
+    def __init__(self, services: Services, port: int, password: str, superuser_password: str):
         self.services, self.port, self.password = services, port, password
+        self.superuser_password = superuser_password
         # Not under pytest's tmp_path: that is private to root, and the server runs as postgres.
         self.dir = Path(tempfile.mkdtemp(prefix="tsq-pg-", dir="/tmp"))
         self.data = self.dir / "data"
@@ -203,25 +208,34 @@ class Postgres:
         if p.returncode != 0:
             pytest.fail(f"{Path(str(args[0])).name} failed ({p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}")
 
-    def start(self) -> None:
+    def start(self, mlflow_password_file: Path) -> None:
         pwfile = self.dir / "pwfile"
-        pwfile.write_text(self.password + "\n")
+        pwfile.write_text(self.superuser_password + "\n")
         pwfile.chmod(0o600)
         if self.as_postgres:
             for path in (self.dir, pwfile):
                 shutil.chown(path, "postgres", "postgres")
-        self._run(PG_BIN / "initdb", "-D", self.data, "-U", "mlflow", "--pwfile", pwfile, "--auth", "scram-sha-256",
+        self._run(PG_BIN / "initdb", "-D", self.data, "-U", "postgres", "--pwfile", pwfile, "--auth", "scram-sha-256",
                   "-E", "UTF8", "--no-locale", "--no-sync", "--no-instructions")
         pwfile.unlink()
         self._run(PG_BIN / "pg_ctl", "-D", self.data, "-l", self.dir / "server.log", "-w", "-t", "60",
                   "-o", f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.dir}", "start")
         import psycopg2
 
-        conn = psycopg2.connect(host="127.0.0.1", port=self.port, user="mlflow", password=self.password, dbname="postgres")
+        conn = psycopg2.connect(host="127.0.0.1", port=self.port, user="postgres", password=self.superuser_password,
+                                dbname="postgres")
         conn.autocommit = True
         with conn.cursor() as cur:
-            cur.execute("CREATE DATABASE mlflow")
+            cur.execute("CREATE DATABASE mlflow")  # the image's POSTGRES_DB
         conn.close()
+        # The init script the image runs from /docker-entrypoint-initdb.d, with compose's settings.
+        p = subprocess.run([str(ROOT / "docker" / "postgres-init.sh")], capture_output=True, text=True, timeout=60,
+                           env=self.services.env(PGHOST="127.0.0.1", PGPORT=self.port, PGPASSWORD=self.superuser_password,
+                                                 POSTGRES_USER="postgres", POSTGRES_DB="mlflow", MLFLOW_DB_USER="mlflow",
+                                                 MLFLOW_DB_PASSWORD_FILE=mlflow_password_file,
+                                                 PATH=f"{PG_BIN}{os.pathsep}{os.environ['PATH']}"))
+        if p.returncode != 0:
+            pytest.fail(f"docker/postgres-init.sh failed ({p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}")
 
     def stop(self) -> None:
         if (self.data / "postmaster.pid").exists():
@@ -240,14 +254,17 @@ def stack(tmp_path_factory):
     taken: set[int] = set()
     (pg_port, mlflow_port, gcs, dashboard, client, *node_ports) = ports = free_ports(17)
     taken.update(ports)
-    pg = Postgres(services, pg_port, secrets.token_urlsafe(18))
+    # MLflow's role's password holds what pgpass escapes (: and a backslash) and what SQL quotes ('), on purpose.
+    pg = Postgres(services, pg_port, secrets.token_urlsafe(18) + ":\\'x", secrets.token_urlsafe(18))
     # Ray's socket paths must stay short: /tmp/rs-XXXXXXXX, not under pytest's tmp. One per node, as
     # on separate machines: a node deletes the job packages it no longer needs from its temp dir.
     ray_tmps = [Path(tempfile.mkdtemp(prefix="rs-", dir="/tmp")) for _ in range(2)]
     s = {
         "token": secrets.token_hex(32),
-        # A % on purpose: the auth config is an ini file that interpolates it.
+        # A % on purpose: the auth config and the credentials file are ini files that interpolate it.
         "password": secrets.token_urlsafe(18) + "%x",
+        "cluster_password": "%c" + secrets.token_urlsafe(18),
+        "flask_key": secrets.token_hex(32),
         "mlflow": f"http://127.0.0.1:{mlflow_port}",
         "jobs": f"http://127.0.0.1:{dashboard}",
         "dashboard_port": dashboard,
@@ -257,7 +274,19 @@ def stack(tmp_path_factory):
         "pg": pg,
         "services": services,
     }
-    mlflow_creds = {"MLFLOW_TRACKING_USERNAME": ADMIN, "MLFLOW_TRACKING_PASSWORD": s["password"]}
+    # Every secret as a file, as compose's secrets are (mounted under /run/secrets); a trailing newline, as an
+    # editor leaves one.
+    secret_dir = work / "secrets"
+    secret_dir.mkdir(mode=0o700)
+    files = {}
+    for name, value in (("mlflow_db_password", pg.password), ("mlflow_admin_password", s["password"]),
+                        ("mlflow_cluster_password", s["cluster_password"]), ("mlflow_flask_secret_key", s["flask_key"]),
+                        ("ray_auth_token", s["token"])):
+        files[name] = secret_dir / name
+        files[name].write_text(value + "\n")
+        files[name].chmod(0o600)
+    s["secret_files"] = files
+    mlflow_creds = {"MLFLOW_TRACKING_USERNAME": CLUSTER, "MLFLOW_TRACKING_PASSWORD_FILE": files["mlflow_cluster_password"]}
 
     def node(prefix: list[int], temp_dir: Path) -> dict:
         names = ("RAY_NODE_MANAGER_PORT", "RAY_OBJECT_MANAGER_PORT", "RAY_DASHBOARD_AGENT_LISTEN_PORT",
@@ -265,14 +294,18 @@ def stack(tmp_path_factory):
         first = free_range(40, taken)
         return {**dict(zip(names, prefix)), "RAY_MIN_WORKER_PORT": first, "RAY_MAX_WORKER_PORT": first + 39,
                 "RAY_TEMP_DIR": temp_dir, "RAY_OBJECT_STORE_MEMORY": 200 * 2**20,
-                "RAY_AUTH_TOKEN": s["token"], "WAIT_TIMEOUT": 90, **mlflow_creds}
+                # Ray's own token path, as compose sets it; ~/.mlflow/credentials goes into the node's own HOME
+                "RAY_AUTH_TOKEN_PATH": files["ray_auth_token"], "HOME": temp_dir / "home", "WAIT_TIMEOUT": 90,
+                **mlflow_creds}
 
     try:
-        pg.start()
+        pg.start(files["mlflow_db_password"])
         services.start("mlflow", [ENTRY, "mlflow"], services.env(
-            PGHOST="127.0.0.1", PGPORT=pg_port, PGUSER="mlflow", PGPASSWORD=pg.password, PGDATABASE="mlflow",
-            MLFLOW_ADMIN_USERNAME=ADMIN, MLFLOW_ADMIN_PASSWORD=s["password"],
-            MLFLOW_FLASK_SERVER_SECRET_KEY=secrets.token_hex(32), MLFLOW_HOST="127.0.0.1", MLFLOW_PORT=mlflow_port,
+            PGHOST="127.0.0.1", PGPORT=pg_port, PGUSER="mlflow", PGPASSWORD_FILE=files["mlflow_db_password"],
+            PGDATABASE="mlflow", MLFLOW_ADMIN_USERNAME=ADMIN, MLFLOW_ADMIN_PASSWORD_FILE=files["mlflow_admin_password"],
+            MLFLOW_CLUSTER_USERNAME=CLUSTER, MLFLOW_CLUSTER_PASSWORD_FILE=files["mlflow_cluster_password"],
+            MLFLOW_FLASK_SERVER_SECRET_KEY_FILE=files["mlflow_flask_secret_key"], MLFLOW_HOST="127.0.0.1",
+            MLFLOW_PORT=mlflow_port,
             MLFLOW_DATA_DIR=s["mlflow_data"], MLFLOW_AUTH_CONFIG_PATH=s["auth_config"],
             MLFLOW_WORKERS=2, WAIT_TIMEOUT=60, CLUSTER_HEAD_IP=TAILSCALE_HEAD))
         # The head waits for MLflow itself: starting it now overlaps the two startups.
@@ -321,6 +354,68 @@ def alive_nodes(jobs: str, token: str) -> int:
     return sum(n.get("state") == "ALIVE" for n in nodes)
 
 
+def test_mlflows_database_belongs_to_a_role_that_is_not_a_superuser(stack):
+    """docker/postgres-init.sh's role owns the database and MLflow's tables, and has no superuser rights."""
+    import psycopg2
+
+    s = stack
+    # MLflow is up on it (the fixture waited for /health), so its tables are there, made by that role.
+    conn = psycopg2.connect(host="127.0.0.1", port=s["pg"].port, user="mlflow", password=s["pg"].password, dbname="mlflow")
+    with conn, conn.cursor() as cur:
+        cur.execute("SELECT r.rolname, r.rolsuper, r.rolcreaterole, r.rolcreatedb FROM pg_database d "
+                    "JOIN pg_roles r ON r.oid = d.datdba WHERE d.datname = 'mlflow'")
+        assert cur.fetchone() == ("mlflow", False, False, False)
+        cur.execute("SELECT tableowner FROM pg_tables WHERE tablename = 'experiments'")
+        assert cur.fetchone() == ("mlflow",)
+        # and it cannot act as the superuser
+        with pytest.raises(psycopg2.errors.InsufficientPrivilege):
+            cur.execute("CREATE ROLE intruder SUPERUSER")
+    conn.close()
+    # The superuser is a different role, with its own password, which MLflow was never given.
+    with pytest.raises(psycopg2.OperationalError):
+        psycopg2.connect(host="127.0.0.1", port=s["pg"].port, user="postgres", password=s["pg"].password, dbname="mlflow")
+
+
+def test_the_cluster_user_logs_runs_but_administers_nothing(stack):
+    """The Ray nodes' MLflow user: creates experiments and logs runs into them; creating users, making itself
+    an admin or changing another user's permissions is refused (403), while the admin may."""
+    s = stack
+    api, admin, cluster = s["mlflow"] + "/api/2.0/mlflow", (ADMIN, s["password"]), (CLUSTER, s["cluster_password"])
+    status, text = http("POST", api + "/experiments/create", auth=cluster, body={"name": "cluster-own"})
+    assert status == 200, text
+    exp_id = json.loads(text)["experiment_id"]
+    status, text = http("POST", api + "/runs/create", auth=cluster, body={"experiment_id": exp_id, "start_time": 0})
+    assert status == 200, text
+    run_id = json.loads(text)["run"]["info"]["run_id"]
+    status, text = http("POST", api + "/runs/log-metric", auth=cluster,
+                        body={"run_id": run_id, "key": "loss", "value": 0.5, "timestamp": 0, "step": 0})
+    assert status == 200, text
+
+    # an experiment of the admin's: no permission by default (NO_PERMISSIONS)
+    status, text = http("POST", api + "/experiments/create", auth=admin, body={"name": "admin-only"})
+    assert status == 200, text
+    admin_exp = json.loads(text)["experiment_id"]
+    assert http("GET", api + f"/experiments/get?experiment_id={admin_exp}", auth=cluster)[0] == 403
+
+    # users: the admin creates one, the cluster user may not; nor make itself an admin
+    user = {"username": "alice", "password": secrets.token_urlsafe(18)}
+    assert http("POST", api + "/users/create", auth=cluster, body={"username": "mallory", "password": "x" * 16})[0] == 403
+    status, text = http("POST", api + "/users/create", auth=admin, body=user)
+    assert status == 200, text
+    assert http("PATCH", api + "/users/update-admin", auth=cluster, body={"username": CLUSTER, "is_admin": True})[0] == 403
+
+    # another user's permission on an experiment the cluster user does not manage: refused, the admin may
+    grant = s["mlflow"] + "/api/3.0/mlflow/users/permissions/grant"
+    body = {"username": "alice", "resource_type": "experiment", "resource_id": admin_exp, "permission": "READ"}
+    assert http("POST", grant, auth=cluster, body=body)[0] == 403
+    assert http("POST", grant, auth=cluster, body={**body, "username": CLUSTER, "permission": "MANAGE"})[0] == 403
+    status, text = http("POST", grant, auth=admin, body=body)
+    assert status == 200, text
+    # and the cluster user is no admin in MLflow's own record either
+    status, text = http("GET", api + f"/users/get?username={CLUSTER}", auth=admin)
+    assert status == 200 and json.loads(text)["user"]["is_admin"] is False, text
+
+
 def test_a_sweep_submitted_to_the_stack_lands_in_mlflow_behind_auth(stack):
     s, services = stack, stack["services"]
     auth = (ADMIN, s["password"])
@@ -347,6 +442,10 @@ def test_a_sweep_submitted_to_the_stack_lands_in_mlflow_behind_auth(stack):
                         auth=auth)
     assert status == 200, text
     exp_id = json.loads(text)["experiment"]["experiment_id"]
+    # The sweep driver made the experiment as the cluster user (the nodes have no other credentials): it manages it.
+    status, text = http("GET", s["mlflow"] + "/api/3.0/mlflow/users/permissions/get?username=" + CLUSTER
+                        + f"&resource_type=experiment&resource_id={exp_id}", auth=auth)
+    assert status == 200 and json.loads(text)["permission"] == "MANAGE", text
     search = {"experiment_ids": [exp_id], "max_results": 100}
     status, text = http("POST", s["mlflow"] + "/api/2.0/mlflow/runs/search", auth=auth, body=search)
     assert status == 200, text
@@ -402,16 +501,46 @@ def test_a_sweep_submitted_to_the_stack_lands_in_mlflow_behind_auth(stack):
     assert http("POST", s["mlflow"] + "/api/2.0/mlflow/runs/search", auth=auth, body=search)[0] == 401
 
 
-def test_no_secret_is_on_any_command_line(stack):
-    # Command lines are world-readable (ps); the secrets travel in the environment only.
-    secret_values = [stack["token"], stack["password"], stack["pg"].password]
-    for pid in stack["services"].marked_pids():
+def test_no_secret_is_on_any_command_line_or_in_any_environment(stack):
+    """Command lines are world-readable (ps), and an environment is inherited by every child: the secrets went
+    into files (pgpass, auth config, credentials, Ray's token path). The one exception is the Flask key, which
+    MLflow reads only from its environment: in the MLflow server's processes, and no other."""
+    s, services = stack, stack["services"]
+    secret_values = [s["token"], s["password"], s["cluster_password"], s["pg"].password, s["pg"].superuser_password]
+    mlflow_tree = descendants(services.procs["mlflow"].pid)
+    seen_key = False
+    for pid in services.marked_pids():
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+            environ = Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace")
         except OSError:
             continue
-        for value in secret_values:
+        for value in [*secret_values, s["flask_key"]]:
             assert value not in cmdline, f"a secret is on the command line of pid {pid}: {cmdline[:200]}"
+        for value in secret_values:
+            assert value not in environ, f"a secret is in the environment of pid {pid}: {cmdline[:200]}"
+        if s["flask_key"] in environ:
+            assert pid in mlflow_tree, f"the Flask key is in the environment of pid {pid}: {cmdline[:200]}"
+            seen_key = True
+    assert seen_key, "the MLflow server has no Flask key in its environment: where did it read it from?"
+
+
+def descendants(root: int) -> set[int]:
+    """`root` and every process below it."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = set(), [root]
+    while todo:
+        pid = todo.pop()
+        found.add(pid)
+        todo.extend(children.get(pid, []))
+    return found
 
 
 def _kv(items: list[dict]) -> dict:

@@ -125,12 +125,20 @@ def test_startup_logic_lives_in_the_entry_script():
         assert 'ENTRYPOINT ["/usr/local/bin/entrypoint.sh"]' in path.read_text(), path.name
 
 
+def provider(env: dict, var: str) -> str | None:
+    """The compose variable that gives the entry script `var`: itself, or the file it is read from."""
+    for key in (var, f"{var}_FILE", *(["RAY_AUTH_TOKEN_PATH"] if var == "RAY_AUTH_TOKEN" else [])):
+        if key in env:
+            return key
+    return None
+
+
 def test_entry_scripts_get_every_variable_they_require_from_compose():
     services = load(COMPOSE)["services"]
     for name, mode in SERVICE_MODES.items():
         env = services[name]["environment"]
-        missing = [v for v in required(mode) if v not in env]
-        assert not missing, f"compose gives {name} no {missing}, which `entrypoint.sh {mode}` requires"
+        missing = [v for v in required(mode) if provider(env, v) is None]
+        assert not missing, f"compose gives {name} no {missing} (nor a _FILE), which `entrypoint.sh {mode}` requires"
 
 
 def test_env_example_declares_every_variable_the_stack_reads():
@@ -139,7 +147,8 @@ def test_env_example_declares_every_variable_the_stack_reads():
     # Each required variable of an entry script, traced through compose to the .env variable feeding it.
     for name, mode in SERVICE_MODES.items():
         for var in required(mode):
-            for ref, op, _ in INTERPOLATION.findall(str(services[name]["environment"][var])):
+            env = services[name]["environment"]
+            for ref, op, _ in INTERPOLATION.findall(str(env[provider(env, var)])):
                 assert ref in names, f"{var} of {name} comes from ${{{ref}}}, which .env.example does not declare"
                 if op != ":-":
                     assert ref in active, f"{ref} has no default: .env.example must list it uncommented"
@@ -150,38 +159,166 @@ def test_env_example_declares_every_variable_the_stack_reads():
                 assert ref in active or ref.startswith("CLUSTER_"), f"{ref} is required: list it uncommented"
 
 
-def test_env_example_holds_no_working_secret():
-    active, _ = env_example()
-    secrets = {k: v for k, v in active.items() if SECRET_NAME.search(k)}
-    assert set(secrets) == {"POSTGRES_PASSWORD", "MLFLOW_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY", "RAY_AUTH_TOKEN"}
-    assert all(v == "" for v in secrets.values()), f"a secret has a value in .env.example: {secrets}"
+def test_env_examples_hold_no_secret():
+    """The secrets are files in secrets/: neither env file names one, set or not."""
+    for path in (ROOT / ".env.example", ROOT / ".env.worker.example"):
+        names = re.findall(r"^(?:#\s*)?([A-Z][A-Z0-9_]*)=", path.read_text(), re.M)
+        assert names and not [n for n in names if SECRET_NAME.search(n)], f"{path.name} names a secret setting"
 
 
-def test_compose_secrets_come_from_env_without_defaults():
+def test_the_worker_env_holds_nothing_of_postgres_or_the_mlflow_server():
+    text = (ROOT / ".env.worker.example").read_text()
+    for needle in ("POSTGRES", "PG", "FLASK", "ADMIN", "postgres_password", "mlflow_db_password", "mlflow_admin_password",
+                   "flask_secret_key"):
+        assert needle not in text, f".env.worker.example mentions {needle}: a worker host needs none of it"
+    names = set(re.findall(r"^(?:#\s*)?([A-Z][A-Z0-9_]*)=", text, re.M))
+    assert {"CLUSTER_HEAD_IP", "CLUSTER_NODE_IP", "CLUSTER_STORAGE_DIR", "MLFLOW_CLUSTER_USERNAME"} <= names
+    assert set(re.findall(r"secrets/(\w+)", text)) == {"ray_auth_token", "mlflow_cluster_password"}
+
+
+# The compose secrets each service gets, and no other: a service's secrets are the ones it uses.
+SERVICE_SECRETS = {
+    "postgres": {"postgres_password", "mlflow_db_password"},
+    "mlflow": {"mlflow_db_password", "mlflow_admin_password", "mlflow_cluster_password", "mlflow_flask_secret_key"},
+    "ray-head": {"ray_auth_token", "mlflow_cluster_password"},
+    "ray-worker": {"ray_auth_token", "mlflow_cluster_password"},
+}
+
+
+def test_no_secret_is_an_environment_value():
+    """Secret-named settings are *_FILE or *_PATH naming a file under /run/secrets that the service is given."""
     for path in COMPOSE_FILES:
         for name, svc in load(path)["services"].items():
+            given = set(svc.get("secrets") or [])
             for key, value in (svc.get("environment") or {}).items():
                 if SECRET_NAME.search(key):
-                    refs = INTERPOLATION.fullmatch(str(value))
-                    assert refs and refs.group(2) == ":?", f"{path.name} {name}.{key} must be ${{VAR:?...}}, is {value!r}"
+                    assert key.endswith(("_FILE", "_PATH")), f"{path.name} {name}.{key} is a secret as an environment value"
+                    assert str(value).startswith("/run/secrets/"), f"{path.name} {name}.{key}={value!r}"
+                    assert str(value).removeprefix("/run/secrets/") in given, f"{name} is not given the secret {value}"
+
+
+def test_each_service_gets_only_its_own_secrets_from_git_ignored_files():
+    compose = load(COMPOSE)
+    for name, svc in compose["services"].items():
+        given = set(svc.get("secrets") or [])
+        assert given == SERVICE_SECRETS[name], f"{name} gets {given}"
+        used = {str(v).removeprefix("/run/secrets/") for v in svc["environment"].values() if str(v).startswith("/run/secrets/")}
+        assert used == given, f"{name} is given secrets it does not read: {given - used}"
+    declared = compose["secrets"]
+    assert set(declared) == set().union(*SERVICE_SECRETS.values())
+    for secret, spec in declared.items():
+        assert spec == {"file": f"../secrets/{secret}"}, f"secret {secret} must be a file in secrets/: {spec}"
+    assert "secrets/" in (ROOT / ".gitignore").read_text().splitlines()
+
+
+def merged_services() -> dict:
+    """The services as compose runs them with the multi-host override (lists and mappings merged)."""
+    base = load(COMPOSE)["services"]
+    for name, svc in load(DOCKER / "compose.multihost.yaml")["services"].items():
+        for key, value in svc.items():
+            if isinstance(value, dict):
+                base[name][key] = {**base[name].get(key, {}), **value}
+            else:
+                base[name][key] = value
+    return base
+
+
+@pytest.mark.parametrize("services", [load(COMPOSE)["services"], merged_services()], ids=["single-host", "multi-host"])
+def test_every_service_runs_with_least_privilege_rotated_logs_and_a_memory_limit(services):
+    for name, svc in services.items():
+        assert "no-new-privileges:true" in svc.get("security_opt", []), f"{name} may gain privileges"
+        assert svc.get("cap_drop") == ["ALL"], f"{name} keeps Linux capabilities"
+        assert not svc.get("privileged") and "cap_add" not in svc or name == "postgres", f"{name} adds capabilities"
+        logging = svc.get("logging") or {}
+        assert logging.get("driver") == "json-file" and {"max-size", "max-file"} <= set(logging.get("options", {})), name
+        limit = INTERPOLATION.fullmatch(str(svc.get("mem_limit", "")))
+        assert limit and limit.group(2) == ":-" and re.fullmatch(r"\d+[mg]", limit.group(3)), f"{name} has no memory limit"
+    # The postgres image's entry script needs these to set up its volume and drop to its user; no others.
+    assert set(services["postgres"]["cap_add"]) == {"CHOWN", "SETUID", "SETGID", "FOWNER", "DAC_OVERRIDE"}
+
+
+def test_the_ray_image_drops_sudo_and_keeps_the_code_read_only():
+    text = (DOCKER / "Dockerfile").read_text()
+    lines = [line.strip() for line in text.splitlines()]
+    # sudo goes as root, before the switch to the runtime user
+    purge = next(i for i, line in enumerate(lines) if "apt-get purge -y sudo" in line)
+    assert any("rm -f /etc/sudoers.d/*" in line for line in lines[:purge + 1])
+    assert lines.index("USER 0") < purge < lines.index("USER 1000:100")
+    # the code is root's: copied without --chown, not pip-installed into ray's writable site-packages
+    copies = [line for line in lines if line.startswith("COPY ")]
+    assert copies and not [line for line in copies if "--chown" in line], copies
+    for pkg in ("models", "tune", "analysis", "bench"):
+        assert f"COPY {pkg} /opt/app/{pkg}" in lines
+    assert "ENV PYTHONPATH=/opt/app" in lines and "pip install --no-cache-dir --no-deps ." not in text
+
+
+def test_postgres_creates_mlflows_own_role_from_the_init_script():
+    postgres = load(COMPOSE)["services"]["postgres"]
+    assert "./postgres-init.sh:/docker-entrypoint-initdb.d/10-mlflow-role.sh:ro" in postgres["volumes"]
+    env = postgres["environment"]
+    assert env["POSTGRES_USER"] != env["MLFLOW_DB_USER"] == load(COMPOSE)["services"]["mlflow"]["environment"]["PGUSER"]
+    # the image runs an executable init script and sources any other: git must keep it executable
+    mode = subprocess.run(["git", "ls-files", "-s", "docker/postgres-init.sh"], cwd=ROOT, capture_output=True,
+                          text=True).stdout.split()
+    assert mode and mode[0] == "100755", "docker/postgres-init.sh must be committed executable"
+
+
+def test_the_postgres_image_is_the_version_the_stack_test_runs():
+    from test_deploy_stack import PG_BIN
+
+    postgres = PG_BIN / "postgres"
+    if not postgres.is_file():
+        missing(f"no PostgreSQL server at {postgres} to compare with")
+    version = re.search(r"\) (\d+\.\d+)", subprocess.run([str(postgres), "--version"], capture_output=True,
+                                                          text=True).stdout).group(1)
+    image = load(COMPOSE)["services"]["postgres"]["image"]
+    assert image.partition("@")[0] == f"postgres:{version}-bookworm", f"compose runs {image}, the stack test {version}"
+
+
+# No registry is reachable where the tests run, so the newest Python 3.11 patch is a constant here:
+# 3.11.14 (October 2025) is the newest known when it was set. Raise both together.
+PYTHON_311_PATCH = "3.11.14"
+
+
+def test_the_mlflow_image_runs_the_newest_known_python_311():
+    froms = [line.split()[1] for line in (DOCKER / "Dockerfile.mlflow").read_text().splitlines() if line.startswith("FROM ")]
+    assert [f.partition("@")[0] for f in froms] == [f"python:{PYTHON_311_PATCH}-slim-bookworm"]
+
+
+def test_multihost_honours_the_published_ports_and_pins_the_metrics_port():
+    override = load(DOCKER / "compose.multihost.yaml")["services"]
+    head, worker = override["ray-head"]["environment"], override["ray-worker"]["environment"]
+    # on the host's network nothing is published: the published-port settings are the ports Ray listens on
+    assert INTERPOLATION.fullmatch(head["RAY_DASHBOARD_PORT"]).group(1) == "RAY_DASHBOARD_PUBLISHED_PORT"
+    assert INTERPOLATION.fullmatch(head["RAY_CLIENT_PORT"]).group(1) == "RAY_CLIENT_PUBLISHED_PORT"
+    ports = [INTERPOLATION.fullmatch(env["RAY_METRICS_EXPORT_PORT"]) for env in (head, worker)]
+    assert all(p and p.group(2) == ":-" for p in ports)
+    assert ports[0].group(3) != ports[1].group(3), "head and worker share a host's ports: their metrics ports must differ"
 
 
 # `NAME = value` or `NAME: value` where NAME looks like a secret's.
-ASSIGNMENT = re.compile(r"""(?i)\b\w*(?:password|token|secret)\w*["']?\s*[:=]\s*(?P<value>"[^"]*"|'[^']*'|[^\s;)\]}]+)""")
+ASSIGNMENT = re.compile(
+    r"""(?i)\b(?P<name>\w*(?:password|token|secret)\w*)["']?\s*[:=]\s*(?P<value>"[^"]*"|'[^']*'|[^\s;)\]}]+)""")
 HEX_BLOB = re.compile(r"\b[0-9a-f]{32,}\b")
+DIGEST = re.compile(r"@sha256:[0-9a-f]{64}\b")  # an image digest (make pin-images) is no secret
 
 
 def literal_secrets(text: str) -> list[str]:
-    """Lines that give a secret-named setting a literal value: anything but a variable or os.environ."""
+    """Lines that give a secret-named setting a literal value: anything but a variable, os.environ, a file
+    under /run/secrets, or compose's list of the secrets a service gets (their names)."""
     found = []
     for line in text.splitlines():
         if line.lstrip().startswith("#"):
             continue
         for m in ASSIGNMENT.finditer(line):
             value = m.group("value").strip("\"'")
+            if m.group("name").lower() == "secrets" or value.startswith("/run/secrets/") or value == "(":
+                continue
+            if line[:m.start()].endswith("{"):  # ${TOKEN:-...}: the shell's default, not an assignment
+                continue
             if value and "$" not in value and not value.startswith("os.environ"):
                 found.append(line.strip())
-        if HEX_BLOB.search(line):
+        if HEX_BLOB.search(DIGEST.sub("", line)):
             found.append(line.strip())
     return found
 
@@ -189,7 +326,13 @@ def literal_secrets(text: str) -> list[str]:
 def test_the_literal_secret_check_catches_literals():
     assert literal_secrets('      POSTGRES_PASSWORD: hunter2hunter2') and literal_secrets("ENV RAY_AUTH_TOKEN=abc123")
     assert literal_secrets('admin_password = "s3cret-s3cret"') and literal_secrets("x: " + "ab12" * 10)
+    assert literal_secrets("PGPASSWORD_FILE: hunter2hunter2")
+    assert literal_secrets("image: x@sha256:" + "ab" * 32 + " " + "cd" * 20)  # a digest does not hide a secret beside it
     assert not literal_secrets("PGPASSWORD: ${POSTGRES_PASSWORD:?set it}") and not literal_secrets("# password: is x")
+    assert not literal_secrets("PGPASSWORD_FILE: /run/secrets/mlflow_db_password")
+    assert not literal_secrets("    secrets: [postgres_password, mlflow_db_password]")
+    assert not literal_secrets("FROM python:3.11@sha256:" + "ab" * 32)
+    assert not literal_secrets('[ -n "${RAY_AUTH_TOKEN:-}" ]') and not literal_secrets("declare -A SECRET_FILE=()")
 
 
 @pytest.mark.parametrize("path", [*COMPOSE_FILES, *DOCKERFILES, *SCRIPTS], ids=lambda p: p.name)
@@ -239,6 +382,15 @@ def test_make_sweep_cluster_submits_through_the_script():
     assert "docker/sweep-cluster.sh report --smoke --data synthetic" in cmd
     up = subprocess.run(["make", "-n", "up", "WORKERS=3"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert "--scale ray-worker=3" in up.stdout and "-f docker/compose.yaml" in up.stdout
+
+
+def test_make_scale_never_rebuilds_or_recreates():
+    p = subprocess.run(["make", "-n", "scale", "WORKERS=4", "ENV_FILE=.env.example"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    [cmd] = [line for line in p.stdout.splitlines() if " up " in line]
+    assert "--no-build" in cmd and "--no-recreate" in cmd and "--scale ray-worker=4" in cmd
+    assert "--build " not in cmd.replace("--no-build", "")
 
 
 def _tool(name: str) -> str | None:

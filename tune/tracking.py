@@ -127,7 +127,7 @@ def check_reachable(uri: str, wait: float = 0) -> None:
                                 f"(in the Docker stack: CLUSTER_HEAD_IP or MLFLOW_ALLOWED_HOSTS in .env)") from None
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UserError(f"tracking server {uri} refused a request ({first}); check MLFLOW_TRACKING_USERNAME "
-                            f"and MLFLOW_TRACKING_PASSWORD") from None
+                            f"and MLFLOW_TRACKING_PASSWORD (or ~/.mlflow/credentials)") from None
         return
     raise UserError(f"tracking URI {uri!r} is not supported; use sqlite:///PATH, a folder, or http(s)://HOST:PORT")
 
