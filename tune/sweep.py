@@ -406,14 +406,13 @@ def _summary(results, sweep_id: str, uri: str, p: Plan, sweep_run: "tracking.Swe
     per_experiment = {name: {"trials": 0, "epochs": 0, "errored": 0} for name in p.experiments}
     for r in results:
         m = r.metrics or {}
-        parts, _ = trial_values(r.config)
+        parts, values = trial_values(r.config)
         for part in parts:
             per_experiment[part]["trials"] += 1
             per_experiment[part]["epochs"] += int(m.get("epoch", 0))
             per_experiment[part]["errored"] += r.error is not None
         if not m or not math.isfinite(m.get("best_val_loss", math.nan)):
             continue
-        _, values = trial_values(r.config)
         epochs += int(m.get("epoch", 0))
         for group in trial_groups(r.config):
             if group not in best or m["best_val_loss"] < best[group]["best_val_loss"]:
