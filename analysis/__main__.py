@@ -47,12 +47,14 @@ def main(argv=None) -> int:
         report.check_out(Path(args.out))
         study = fetch.load(resolve_uri(args.tracking_uri), args.experiment, args.sweep, args.all)
         path = report.write(study, Path(args.out), args.command, args.machine)
-        attached = report.attach(study, Path(args.out))
+        attached, not_attached = report.attach(study, Path(args.out))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for why in study.unreadable:
         print(f"left out: {why}", file=sys.stderr)
+    for why in not_attached:
+        print(f"note: {why}", file=sys.stderr)
     print(f"report of {study.runs['run_id'].nunique()} runs ({study.selection}) written to {path} "
           f"in {time.perf_counter() - t0:.1f} s" + (f"; attached to {attached} sweep run(s) in MLflow" if attached else ""),
           file=sys.stderr)

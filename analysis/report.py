@@ -652,15 +652,20 @@ def write(study: Study, out: Path, command: str = "unknown", machine: str = "unk
     return out / "REPORT.md"
 
 
-def attach(study: Study, out: Path) -> int:
-    """Log the report (REPORT.md, REPORT.html, figures, tables) to the runs of the sweeps it read; how many."""
+def attach(study: Study, out: Path) -> tuple[int, list[str]]:
+    """Log the report (REPORT.md, REPORT.html, figures, tables) to the runs of the sweeps it read:
+    (how many took it, one line for each that could not: the report on disk stands either way)."""
     c = tracking.client(study.uri)
     homes = [e.experiment_id for e in (c.get_experiment_by_name(n) for n in sorted(set(study.runs["home"]))) if e]
     sweeps = set(study.runs["sweep_id"])
-    attached = 0
+    attached, failed = 0, []
     for run in tracking.sweep_parents(c, homes):
         if run.data.tags.get("sweep_id") in sweeps:
-            c.log_artifacts(run.info.run_id, str(out), "report")
-            attached += 1
-    return attached
+            try:
+                c.log_artifacts(run.info.run_id, str(out), "report")
+                attached += 1
+            except Exception as e:  # noqa: BLE001 - a read-only user, an unwritable artifact store
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                failed.append(f"could not attach the report to sweep run {run.info.run_id} ({first})")
+    return attached, failed
 

@@ -313,9 +313,17 @@ def test_a_sweep_run_is_no_trial_old_tags_still_read_and_the_report_lands_on_it(
     assert set(ours["git_commit"]) == {"from-before", "0123456789abcdef"}
 
     reports.write(study, tmp_path / "r")
-    assert reports.attach(study, tmp_path / "r") == 1
+    assert reports.attach(study, tmp_path / "r") == (1, [])
     files = {a.path for a in c.list_artifacts(parent.run_ids["dropout-mlp"], "report")}
     assert {"report/REPORT.md", "report/REPORT.html", "report/figures"} <= files
+
+    # A sweep run whose artifact store cannot be written (here a folder even root cannot create) is named,
+    # and the others still get the report.
+    broken = c.create_experiment("dropout-cnn", artifact_location="file:///proc/no-such-store")
+    run = c.create_run(broken, tags={"sweep_id": "s2", "run_kind": "sweep"})
+    study.runs.loc[0, "home"] = "dropout-cnn"  # the report read a trial of that experiment too
+    attached, failed = reports.attach(study, tmp_path / "r")
+    assert attached == 1 and len(failed) == 1 and run.info.run_id in failed[0]
 
 
 def test_history_paths_agree_and_a_failing_private_path_falls_back(store, monkeypatch):
