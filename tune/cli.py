@@ -168,24 +168,18 @@ def cmd_export(args) -> int:
     return 0
 
 
-def cmd_rerun(args) -> int:
-    from tune import tracking
-    from tune.rerun import rerun
+def cmd_check_run(args) -> int:
+    """`rerun` and `evaluate`: a logged run checked against what it logged; exit 1 on a mismatch."""
+    from tune import rerun, tracking
 
-    result, matched = rerun(tracking.resolve_uri(args.tracking_uri), args.run_id, args.data)
-    print(f"every logged per-epoch metric {'matched' if matched else 'did NOT match'} "
-          f"({result['epochs_compared']} epochs)", file=sys.stderr)
-    print(json.dumps({**result, "matched": matched}))
-    return 0 if matched else 1
-
-
-def cmd_evaluate(args) -> int:
-    from tune import tracking
-    from tune.rerun import evaluate
-
-    result, matched = evaluate(tracking.resolve_uri(args.tracking_uri), args.run_id, args.data)
-    print(f"test loss {result['test_loss']:.6f}, accuracy {100 * result['test_acc']:.2f} %: "
-          f"{'equal to' if matched else 'NOT equal to'} the run's logged test metrics", file=sys.stderr)
+    check = rerun.rerun if args.command == "rerun" else rerun.evaluate
+    result, matched = check(tracking.resolve_uri(args.tracking_uri), args.run_id, args.data)
+    if args.command == "rerun":
+        print(f"every logged per-epoch metric {'matched' if matched else 'did NOT match'} "
+              f"({result['epochs_compared']} epochs)", file=sys.stderr)
+    else:
+        print(f"test loss {result['test_loss']:.6f}, accuracy {100 * result['test_acc']:.2f} %: "
+              f"{'equal to' if matched else 'NOT equal to'} the run's logged test metrics", file=sys.stderr)
     print(json.dumps({**result, "matched": matched}))
     return 0 if matched else 1
 
@@ -330,23 +324,20 @@ def build_parser() -> Parser:
     export_p.add_argument("--out", required=True, metavar="DIR", help="folder for the records")
     export_p.add_argument("--tracking-uri", help=TRACKING_HELP)
     export_p.set_defaults(run=cmd_export)
-    rerun_p = sub.add_parser("rerun", help="train a logged run again without Ray and check its curves match",
-                             description="Rebuild a run's config from its MLflow params and train it again, at its "
-                                         "logged thread count, on data with its logged digest. Prints train's JSON "
-                                         "line with `matched`: whether every logged per-epoch metric came out the "
-                                         "same. Exit 1 when one did not.")
-    rerun_p.add_argument("run_id", help="the MLflow run id")
-    rerun_p.add_argument("--tracking-uri", help=TRACKING_HELP)
-    rerun_p.add_argument("--data", help="the run's data at another place (its digest must match)")
-    rerun_p.set_defaults(run=cmd_rerun)
-    eval_p = sub.add_parser("evaluate", help="test the weights a finished run kept and check they give its test metrics",
-                            description="Load the best-epoch weights a finished trial kept (model/weights.pt) from any "
-                                        "tracking URI, and print their test loss and accuracy as JSON, with `matched`: "
-                                        "whether they equal the run's logged test metrics (exit 1 if not).")
-    eval_p.add_argument("run_id", help="the MLflow run id")
-    eval_p.add_argument("--tracking-uri", help=TRACKING_HELP)
-    eval_p.add_argument("--data", help="the run's data at another place (its digest must match)")
-    eval_p.set_defaults(run=cmd_evaluate)
+    for name, help_text, description in (
+            ("rerun", "train a logged run again without Ray and check its curves match",
+             "Rebuild a run's config from its MLflow params and train it again, at its logged thread count, on data "
+             "with its logged digest. Prints train's JSON line with `matched`: whether every logged per-epoch metric "
+             "came out the same. Exit 1 when one did not."),
+            ("evaluate", "test the weights a finished run kept and check they give its test metrics",
+             "Load the best-epoch weights a finished trial kept (model/weights.pt) from any tracking URI, and print "
+             "their test loss and accuracy as JSON, with `matched`: whether they equal the run's logged test metrics "
+             "(exit 1 if not).")):
+        check_run_p = sub.add_parser(name, help=help_text, description=description)
+        check_run_p.add_argument("run_id", help="the MLflow run id")
+        check_run_p.add_argument("--tracking-uri", help=TRACKING_HELP)
+        check_run_p.add_argument("--data", help="the run's data at another place (its digest must match)")
+        check_run_p.set_defaults(run=cmd_check_run)
     check_p = sub.add_parser("check-tracking", help="check that runs can be logged to an MLflow store (exit 2 if not)")
     check_p.add_argument("tracking_uri", nargs="?", help="default: MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db")
     check_p.add_argument("--wait", type=float, default=0, help="seconds to keep asking a server that does not answer yet")
