@@ -21,7 +21,7 @@ The schema:
   artifacts   model/weights.pt: the best epoch's state_dict and the config (finished trials)
 
   sweep run   one per (sweep, experiment it touches): tags sweep_id, run_kind=sweep, no trial_id
-              (so it never counts as a trial), mlflow.note.content (settings, then outcome);
+              (so it never counts as a trial), mlflow.note.content (outcome, then settings);
               params: the settings; metrics: progress (step = trial-epochs done), then outcome;
               artifacts: the report, attached by `make report`
 """
@@ -44,11 +44,9 @@ PARENT = "mlflow.parentRunId"
 NOTE = "mlflow.note.content"  # the run page's description
 SETTINGS = "\n\n## Settings\n\n"  # in a sweep run's description: the outcome above it, the settings below
 WEIGHTS = "model/weights.pt"
-
-
 NO_SWEEP = "(no sweep_id)"  # read_runs' sweep_id of a run logged without one
-# The tags read_runs reads back (besides those of the parts expansion).
-RUN_TAGS = ("sweep_id", "experiment", "trial_id", "config_key", "git_commit", "stopped_by", "stop_reason",
+# The tags read_runs reads back as they are (the commit comes from git_commit_of).
+RUN_TAGS = ("sweep_id", "experiment", "trial_id", "config_key", "stopped_by", "stop_reason",
             "versions", "node_id", "scheduler", "parts", "smoke", "train_images", "network")
 
 

@@ -61,13 +61,10 @@ def train(cfg: TrialConfig, data: Dataset, state: dict | None = None,
     n = len(train_y)
     if n < cfg.batch_size:
         raise UserError(f"batch_size: {cfg.batch_size} is more than the {n} training images; lower it or raise --limit")
-    prepare, memory_format = _preparer(cfg, arrays, device)
-    model = network(cfg, build).to(device, memory_format=memory_format)
+    model, forward, prepare, autocast = _model(cfg, arrays, device, build)
     # fused: one kernel over all parameters instead of a dozen per tensor. On the CPU the
     # per-tensor Adam took ~40% of an MLP step (docs/performance.md).
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)
-    forward = torch.compile(model) if cfg.compile else model
-    autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16")
     # The data order has its own generator, so dropout draws never shift it.
     order_rng = torch.Generator().manual_seed(cfg.seed)
     best = {"best_epoch": 0, "best_val_loss": math.inf, "best_val_acc": -math.inf,
@@ -134,8 +131,9 @@ def train(cfg: TrialConfig, data: Dataset, state: dict | None = None,
     return {**best, "epochs_run": epoch, "stopped_by": stopped_by, "reason": reason}
 
 
-def _preparer(cfg: TrialConfig, arrays, device: torch.device):
-    """(uint8 images -> the network's normalized float input, the memory format it wants)."""
+def _model(cfg: TrialConfig, arrays, device: torch.device, build: Callable[..., torch.nn.Module] = build_model):
+    """The network on `device` as train() runs it, and how its inputs are made: (model, forward (compiled or
+    not), prepare (uint8 images -> normalized float input), autocast's arguments)."""
     mean, inv_std = (torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1).to(device)
                      for v in arrays.normalization(cfg.normalize))
     memory_format = torch.channels_last if cfg.channels_last and cfg.model == "cnn" else torch.contiguous_format
@@ -144,7 +142,10 @@ def _preparer(cfg: TrialConfig, arrays, device: torch.device):
         x = x_uint8.float().sub_(mean).mul_(inv_std)
         return x.contiguous(memory_format=memory_format)
 
-    return prepare, memory_format
+    model = network(cfg, build).to(device, memory_format=memory_format)
+    forward = torch.compile(model) if cfg.compile else model
+    autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16")
+    return model, forward, prepare, autocast
 
 
 def _evaluate(model, forward, prepare, x_all, y_all, autocast: dict) -> tuple[float, float]:
@@ -166,12 +167,9 @@ def test_metrics(cfg: TrialConfig, data: Dataset, weights: dict) -> tuple[float,
     """Test loss and accuracy of `weights` (a state_dict of the network `cfg` describes), as train() measures them."""
     device = resolve_device(cfg.device)
     arrays = split(data, cfg.val_size, cfg.limit, cfg.eval_limit)
-    prepare, memory_format = _preparer(cfg, arrays, device)
-    model = network(cfg).to(device, memory_format=memory_format)
+    model, forward, prepare, autocast = _model(cfg, arrays, device)
     model.load_state_dict(weights)
     test_x, test_y = torch.from_numpy(arrays.test_x).to(device), torch.from_numpy(arrays.test_y).to(device)
-    forward = torch.compile(model) if cfg.compile else model
-    autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16")
     return _evaluate(model, forward, prepare, test_x, test_y, autocast)
 
 
